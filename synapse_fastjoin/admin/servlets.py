@@ -1,0 +1,119 @@
+"""Admin API: /_synapse/admin/v1/fastjoin/...
+
+Served by Synapse's own admin resource (patch 0003 lets the module add servlets
+to it), so authentication and errors are Synapse's: 401 without a valid token,
+403 for a user who is not a server admin.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from synapse.api.errors import NotFoundError, SynapseError
+from synapse.http.server import HttpServer
+from synapse.http.servlet import RestServlet, parse_integer, parse_string
+from synapse.http.site import SynapseRequest
+from synapse.rest.admin._base import admin_patterns, assert_requester_is_admin
+from synapse.types import JsonDict
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+    from synapse_fastjoin.storage.store import FastJoinStore
+
+
+def _room_json(row: dict[str, Any]) -> JsonDict:
+    return {
+        "room_id": row["room_id"],
+        "join_event_id": row["join_event_id"],
+        "joined_via": row["joined_via"],
+        "joined_ts": row["joined_ts"],
+        "known_servers": row["known_servers"],
+        "partial_state_events_remaining": row["partial_state_events_remaining"],
+        "resync": {
+            "status": row["resync_status"],
+            "attempts": row["resync_attempts"],
+            "first_started_ts": row["first_resync_ts"],
+            "last_started_ts": row["last_resync_ts"],
+            "last_error": row["last_error"],
+        },
+    }
+
+
+def _history_json(row: dict[str, Any]) -> JsonDict:
+    joined_ts = row["joined_ts"]
+    first_resync_ts = row["first_resync_ts"]
+    finished_ts = row["finished_ts"]
+    return {
+        **row,
+        # From the join (when known) to the end of the resync: what a user waits.
+        "duration_ms": None if joined_ts is None else finished_ts - joined_ts,
+        "resync_duration_ms": (
+            None if first_resync_ts is None else finished_ts - first_resync_ts
+        ),
+    }
+
+
+class PartialStateRoomsServlet(RestServlet):
+    """GET /_synapse/admin/v1/fastjoin/rooms: every partial-state room."""
+
+    PATTERNS = admin_patterns("/fastjoin/rooms$")
+
+    def __init__(self, hs: "HomeServer", store: "FastJoinStore"):
+        super().__init__()
+        self._auth = hs.get_auth()
+        self._store = store
+
+    async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
+        await assert_requester_is_admin(self._auth, request)
+        rooms = [_room_json(r) for r in await self._store.get_partial_state_rooms()]
+        return 200, {"rooms": rooms, "total": len(rooms)}
+
+
+class PartialStateRoomServlet(RestServlet):
+    """GET /_synapse/admin/v1/fastjoin/rooms/{roomId}: one partial-state room,
+    404 if the room is not (or no longer) partial."""
+
+    PATTERNS = admin_patterns("/fastjoin/rooms/(?P<room_id>[^/]+)$")
+
+    def __init__(self, hs: "HomeServer", store: "FastJoinStore"):
+        super().__init__()
+        self._auth = hs.get_auth()
+        self._store = store
+
+    async def on_GET(
+        self, request: SynapseRequest, room_id: str
+    ) -> tuple[int, JsonDict]:
+        await assert_requester_is_admin(self._auth, request)
+        rows = await self._store.get_partial_state_rooms(room_id)
+        if not rows:
+            raise NotFoundError(f"{room_id} is not a partial-state room")
+        return 200, _room_json(rows[0])
+
+
+class ResyncHistoryServlet(RestServlet):
+    """GET /_synapse/admin/v1/fastjoin/history[?room_id=...&limit=N]: finished
+    resyncs, newest first, with their durations."""
+
+    PATTERNS = admin_patterns("/fastjoin/history$")
+
+    def __init__(self, hs: "HomeServer", store: "FastJoinStore"):
+        super().__init__()
+        self._auth = hs.get_auth()
+        self._store = store
+
+    async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
+        await assert_requester_is_admin(self._auth, request)
+        room_id = parse_string(request, "room_id")
+        limit = parse_integer(request, "limit", default=100)
+        if not 1 <= limit <= 1000:
+            raise SynapseError(400, "limit must be between 1 and 1000")
+        rows = await self._store.get_history(room_id, limit)
+        return 200, {"resyncs": [_history_json(r) for r in rows]}
+
+
+def register_servlets(
+    hs: "HomeServer", http_server: HttpServer, store: "FastJoinStore"
+) -> None:
+    """Add the module's admin servlets to Synapse's admin resource."""
+    PartialStateRoomsServlet(hs, store).register(http_server)
+    PartialStateRoomServlet(hs, store).register(http_server)
+    ResyncHistoryServlet(hs, store).register(http_server)

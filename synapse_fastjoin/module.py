@@ -1,0 +1,151 @@
+"""`FastJoinModule`: the class admins list under `modules:` in homeserver.yaml."""
+
+import logging
+import time
+from typing import Any, Collection, Mapping
+
+from synapse.config._base import ConfigError
+from synapse.http.server import HttpServer
+from synapse.module_api import ModuleApi
+from synapse.server import HomeServer
+
+from synapse_fastjoin import patching
+from synapse_fastjoin.admin import servlets as admin_servlets
+from synapse_fastjoin.config import FastJoinConfig, parse_config
+from synapse_fastjoin.storage.store import FastJoinStore
+
+logger = logging.getLogger(__name__)
+
+# The version of the hook API (patch 0001) this code was written against.
+HOOKS_API_VERSION = 1
+
+_DAY_MS = 24 * 60 * 60 * 1000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class FastJoinModule:
+    """Follows Synapse's partial-state joins, records them, and serves them on
+    the admin API.
+
+    Synapse refuses to start with this module enabled unless the installed
+    Synapse is the version the patch series targets and every patch of the
+    series is applied: without the hooks the module would silently do nothing.
+    """
+
+    def __init__(self, config: FastJoinConfig, api: ModuleApi):
+        _check_series()
+        self._config = config
+        self._api = api
+        self._is_main_process = api.worker_app is None
+        self.store = FastJoinStore(
+            api.run_db_interaction, may_migrate=self._is_main_process
+        )
+
+        api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
+            on_partial_state_join=self._on_partial_state_join,
+            on_resync_started=self._on_resync_started,
+            on_resync_finished=self._on_resync_finished,
+            register_admin_servlets=(
+                self._register_admin_servlets if config.admin_api else None
+            ),
+        )
+
+        if self._is_main_process:
+            api.run_as_background_process("fastjoin_startup", self._startup)
+            if config.history_retention_days:
+                api.looping_background_call(
+                    self._prune_history,
+                    config.history_prune_interval_minutes * 60 * 1000,
+                    desc="fastjoin_prune_history",
+                )
+        logger.info("synapse-fastjoin enabled: %s", config)
+
+    @staticmethod
+    def parse_config(config: Mapping[str, Any] | None) -> FastJoinConfig:
+        return parse_config(config)
+
+    async def _startup(self) -> None:
+        await self.store.ensure_schema()
+        forgotten = await self.store.forget_rooms_not_partial()
+        if forgotten:
+            logger.info("Forgot %d rooms that are no longer partial-state", forgotten)
+        await self._prune_history()
+
+    async def _prune_history(self) -> None:
+        if not self._config.history_retention_days:
+            return
+        cutoff = _now_ms() - self._config.history_retention_days * _DAY_MS
+        pruned = await self.store.prune_history(cutoff)
+        if pruned:
+            logger.info("Pruned %d finished resyncs from the history", pruned)
+
+    async def _on_partial_state_join(
+        self,
+        room_id: str,
+        join_event_id: str,
+        joined_via: str,
+        servers_in_room: Collection[str],
+    ) -> None:
+        logger.info(
+            "Partial-state join of %s via %s (join event %s, %d servers known)",
+            room_id,
+            joined_via,
+            join_event_id,
+            len(servers_in_room),
+        )
+        await self.store.record_partial_state_join(
+            room_id, join_event_id, joined_via, _now_ms()
+        )
+
+    async def _on_resync_started(
+        self,
+        room_id: str,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+    ) -> None:
+        logger.info(
+            "Resync of %s started (first via %s, %d other servers)",
+            room_id,
+            initial_destination,
+            len(other_destinations),
+        )
+        await self.store.record_resync_started(room_id, _now_ms())
+
+    async def _on_resync_finished(
+        self, room_id: str, complete: bool, error: str | None
+    ) -> None:
+        if complete:
+            logger.info("Resync of %s complete: the room has full state", room_id)
+        else:
+            logger.warning(
+                "Resync of %s ended with the room still partial: %s", room_id, error
+            )
+        await self.store.record_resync_finished(room_id, complete, error, _now_ms())
+
+    def _register_admin_servlets(self, hs: HomeServer, http_server: HttpServer) -> None:
+        admin_servlets.register_servlets(hs, http_server, self.store)
+
+
+def _check_series() -> None:
+    """Refuse to run unless the shipped patch series is applied to this Synapse.
+
+    Raises:
+        ConfigError: saying what is wrong and which command fixes it.
+    """
+    try:
+        patching.verify_applied()
+    except patching.PatchSeriesError as e:
+        raise ConfigError(f"synapse-fastjoin cannot start: {e}") from None
+
+    from synapse.module_api.callbacks import fastjoin_callbacks
+
+    if fastjoin_callbacks.FASTJOIN_HOOKS_API_VERSION != HOOKS_API_VERSION:
+        raise ConfigError(
+            "synapse-fastjoin cannot start: the applied patch series provides hook "
+            f"API version {fastjoin_callbacks.FASTJOIN_HOOKS_API_VERSION}, this module "
+            f"needs {HOOKS_API_VERSION}; run `synapse-fastjoin patches revert` with the "
+            "old module, then `synapse-fastjoin patches apply` with this one"
+        )

@@ -1,0 +1,118 @@
+"""The module's own tables, created and versioned by the module itself.
+
+Synapse's schema machinery only runs Synapse's own deltas, so the module keeps a
+version number in `fastjoin_schema_version` and applies the numbered steps in
+`SCHEMA_STEPS` that the database has not seen yet, all in one transaction. The
+SQL is plain enough to run unchanged on SQLite and PostgreSQL.
+"""
+
+import logging
+
+from synapse.storage.database import LoggingTransaction
+
+logger = logging.getLogger(__name__)
+
+# SCHEMA_STEPS[n] brings the schema from version n to version n + 1. Append new
+# steps; never edit one that has shipped.
+SCHEMA_STEPS: list[list[str]] = [
+    # 1: what Synapse does not record about partial-state joins.
+    [
+        """
+        CREATE TABLE fastjoin_rooms (
+            room_id TEXT NOT NULL PRIMARY KEY,
+            join_event_id TEXT,
+            joined_via TEXT,
+            joined_ts BIGINT,
+            -- 'joining', 'resyncing' or 'failed'
+            resync_status TEXT NOT NULL,
+            first_resync_ts BIGINT,
+            last_resync_ts BIGINT,
+            resync_attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            updated_ts BIGINT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE fastjoin_resync_history (
+            room_id TEXT NOT NULL,
+            join_event_id TEXT,
+            joined_via TEXT,
+            joined_ts BIGINT,
+            first_resync_ts BIGINT,
+            finished_ts BIGINT NOT NULL,
+            -- 'complete' or 'failed'
+            outcome TEXT NOT NULL,
+            resync_attempts INTEGER NOT NULL,
+            error TEXT
+        )
+        """,
+        "CREATE INDEX fastjoin_resync_history_room ON fastjoin_resync_history (room_id)",
+        "CREATE INDEX fastjoin_resync_history_finished ON fastjoin_resync_history (finished_ts)",
+    ],
+]
+
+SCHEMA_VERSION = len(SCHEMA_STEPS)
+
+
+class SchemaTooNewError(Exception):
+    """The database was written by a newer version of the module."""
+
+
+def prepare_schema_txn(txn: LoggingTransaction) -> int:
+    """Bring the module's tables up to `SCHEMA_VERSION`.
+
+    Runs inside one transaction, so a failure leaves the schema as it was.
+
+    Returns:
+        The version the database was at before.
+
+    Raises:
+        SchemaTooNewError: the database is at a later version than this code knows;
+            downgrading the module is refused rather than guessed at.
+    """
+    txn.execute(
+        "CREATE TABLE IF NOT EXISTS fastjoin_schema_version ("
+        " lock CHAR(1) NOT NULL DEFAULT 'X' UNIQUE CHECK (lock = 'X'),"
+        " version INTEGER NOT NULL)"
+    )
+    txn.execute("SELECT version FROM fastjoin_schema_version")
+    row = txn.fetchone()
+    current = row[0] if row else 0
+    if current > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"synapse-fastjoin's tables are at schema version {current}, but this "
+            f"version of the module only knows up to {SCHEMA_VERSION}: install the "
+            "newer synapse-fastjoin again"
+        )
+    for version in range(current, SCHEMA_VERSION):
+        logger.info("Upgrading synapse-fastjoin schema to version %d", version + 1)
+        for statement in SCHEMA_STEPS[version]:
+            txn.execute(statement)
+    if row is None:
+        txn.execute(
+            "INSERT INTO fastjoin_schema_version (version) VALUES (?)", (SCHEMA_VERSION,)
+        )
+    elif current != SCHEMA_VERSION:
+        txn.execute("UPDATE fastjoin_schema_version SET version = ?", (SCHEMA_VERSION,))
+    return current
+
+
+class SchemaNotReadyError(Exception):
+    """A worker found the tables older than its code: the main process, which
+    upgrades them, has not started with this version yet."""
+
+
+def check_schema_txn(txn: LoggingTransaction) -> None:
+    """Raise SchemaNotReadyError unless the tables are at `SCHEMA_VERSION`."""
+    try:
+        txn.execute("SELECT version FROM fastjoin_schema_version")
+        row = txn.fetchone()
+    except Exception:
+        # The table does not exist yet; the failed statement is rolled back with
+        # this read-only transaction.
+        row = None
+    if row is None or row[0] != SCHEMA_VERSION:
+        raise SchemaNotReadyError(
+            f"synapse-fastjoin's tables are at schema version {row[0] if row else 0},"
+            f" this code needs {SCHEMA_VERSION}: start the main process first"
+        )

@@ -1,0 +1,257 @@
+"""Reads and writes of the module's tables, alongside Synapse's own
+partial-state tables (`partial_state_rooms`, `partial_state_rooms_servers`,
+`partial_state_events`), through Synapse's database pool.
+"""
+
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+from twisted.internet import defer
+
+from synapse.storage.database import LoggingTransaction
+
+from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Values of fastjoin_rooms.resync_status. A partial-state room that Synapse knows
+# but the module has no row for (joined before the module was enabled) is
+# reported as STATUS_UNKNOWN.
+STATUS_JOINING = "joining"
+STATUS_RESYNCING = "resyncing"
+STATUS_FAILED = "failed"
+STATUS_UNKNOWN = "unknown"
+
+OUTCOME_COMPLETE = "complete"
+OUTCOME_FAILED = "failed"
+
+# Errors are free text from exceptions; keep rows small.
+_MAX_ERROR_LENGTH = 1000
+
+_ROOM_COLUMNS = (
+    "room_id",
+    "join_event_id",
+    "joined_via",
+    "joined_ts",
+    "known_servers",
+    "partial_state_events_remaining",
+    "resync_status",
+    "first_resync_ts",
+    "last_resync_ts",
+    "resync_attempts",
+    "last_error",
+)
+
+_HISTORY_COLUMNS = (
+    "room_id",
+    "join_event_id",
+    "joined_via",
+    "joined_ts",
+    "first_resync_ts",
+    "finished_ts",
+    "outcome",
+    "resync_attempts",
+    "error",
+)
+
+RunDbInteraction = Callable[..., Awaitable[Any]]
+
+
+class FastJoinStore:
+    """The module's storage. Every method waits for the schema to be ready.
+
+    Args:
+        run_db_interaction: `ModuleApi.run_db_interaction`, which runs a `_txn`
+            function in a transaction on Synapse's main database.
+        may_migrate: whether this process creates and upgrades the tables. Only
+            the main process does; workers check that it has.
+    """
+
+    def __init__(self, run_db_interaction: RunDbInteraction, may_migrate: bool) -> None:
+        self._run = run_db_interaction
+        self._may_migrate = may_migrate
+        self._schema_ready = False
+        self._schema_lock = defer.DeferredLock()
+
+    async def ensure_schema(self) -> None:
+        """Create or upgrade the module's tables, once per process. A failure is
+        raised to the caller and tried again by the next one."""
+        if self._schema_ready:
+            return
+        async with self._schema_lock:
+            if self._schema_ready:
+                return
+            if self._may_migrate:
+                before = await self._run("fastjoin_prepare_schema", prepare_schema_txn)
+                logger.info("synapse-fastjoin tables ready (were at version %d)", before)
+            else:
+                await self._run("fastjoin_check_schema", check_schema_txn)
+            self._schema_ready = True
+
+    async def _interaction(self, desc: str, func: Callable[..., T], *args: Any) -> T:
+        await self.ensure_schema()
+        return await self._run(desc, func, *args)
+
+    # Lifecycle, written by the hooks of the patch series.
+
+    async def record_partial_state_join(
+        self, room_id: str, join_event_id: str, joined_via: str, now_ms: int
+    ) -> None:
+        """A remote join has just left `room_id` in partial state."""
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute("DELETE FROM fastjoin_rooms WHERE room_id = ?", (room_id,))
+            txn.execute(
+                "INSERT INTO fastjoin_rooms (room_id, join_event_id, joined_via,"
+                " joined_ts, resync_status, resync_attempts, updated_ts)"
+                " VALUES (?, ?, ?, ?, ?, 0, ?)",
+                (room_id, join_event_id, joined_via, now_ms, STATUS_JOINING, now_ms),
+            )
+
+        await self._interaction("fastjoin_record_partial_state_join", txn_fn)
+
+    async def record_resync_started(self, room_id: str, now_ms: int) -> None:
+        """A resync of `room_id` has started (after a join, or on resumption)."""
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute(
+                "UPDATE fastjoin_rooms SET resync_status = ?,"
+                " first_resync_ts = COALESCE(first_resync_ts, ?), last_resync_ts = ?,"
+                " resync_attempts = resync_attempts + 1, updated_ts = ?"
+                " WHERE room_id = ?",
+                (STATUS_RESYNCING, now_ms, now_ms, now_ms, room_id),
+            )
+            if txn.rowcount == 0:
+                # Joined before the module was enabled: we never saw the join.
+                txn.execute(
+                    "INSERT INTO fastjoin_rooms (room_id, join_event_id, joined_via,"
+                    " joined_ts, resync_status, first_resync_ts, last_resync_ts,"
+                    " resync_attempts, updated_ts)"
+                    " SELECT room_id, join_event_id, joined_via, NULL, ?, ?, ?, 1, ?"
+                    " FROM partial_state_rooms WHERE room_id = ?",
+                    (STATUS_RESYNCING, now_ms, now_ms, now_ms, room_id),
+                )
+
+        await self._interaction("fastjoin_record_resync_started", txn_fn)
+
+    async def record_resync_finished(
+        self, room_id: str, complete: bool, error: str | None, now_ms: int
+    ) -> None:
+        """A resync of `room_id` ended; `complete` says whether the room has full
+        state now. Adds a history row; forgets the room if it is complete."""
+        if error is not None:
+            error = error[:_MAX_ERROR_LENGTH]
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute(
+                "SELECT join_event_id, joined_via, joined_ts, first_resync_ts,"
+                " resync_attempts FROM fastjoin_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = txn.fetchone() or (None, None, None, None, 0)
+            join_event_id, joined_via, joined_ts, first_resync_ts, attempts = row
+            txn.execute(
+                "INSERT INTO fastjoin_resync_history (room_id, join_event_id,"
+                " joined_via, joined_ts, first_resync_ts, finished_ts, outcome,"
+                " resync_attempts, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    room_id,
+                    join_event_id,
+                    joined_via,
+                    joined_ts,
+                    first_resync_ts,
+                    now_ms,
+                    OUTCOME_COMPLETE if complete else OUTCOME_FAILED,
+                    attempts,
+                    error,
+                ),
+            )
+            if complete:
+                txn.execute("DELETE FROM fastjoin_rooms WHERE room_id = ?", (room_id,))
+            else:
+                txn.execute(
+                    "UPDATE fastjoin_rooms SET resync_status = ?, last_error = ?,"
+                    " updated_ts = ? WHERE room_id = ?",
+                    (
+                        STATUS_FAILED,
+                        error or "resync ended with the room still partial",
+                        now_ms,
+                        room_id,
+                    ),
+                )
+
+        await self._interaction("fastjoin_record_resync_finished", txn_fn)
+
+    # Reads, for the admin API.
+
+    async def get_partial_state_rooms(
+        self, room_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every room Synapse holds in partial state (or just `room_id`), with
+        what the module recorded about it, ordered by room id."""
+
+        def txn_fn(txn: LoggingTransaction) -> list[dict[str, Any]]:
+            sql = (
+                "SELECT p.room_id, COALESCE(p.join_event_id, f.join_event_id),"
+                " COALESCE(p.joined_via, f.joined_via), f.joined_ts,"
+                " (SELECT COUNT(*) FROM partial_state_rooms_servers s"
+                "   WHERE s.room_id = p.room_id),"
+                " (SELECT COUNT(*) FROM partial_state_events e"
+                "   WHERE e.room_id = p.room_id),"
+                " COALESCE(f.resync_status, ?), f.first_resync_ts, f.last_resync_ts,"
+                " COALESCE(f.resync_attempts, 0), f.last_error"
+                " FROM partial_state_rooms p"
+                " LEFT JOIN fastjoin_rooms f ON f.room_id = p.room_id"
+            )
+            args: list[Any] = [STATUS_UNKNOWN]
+            if room_id is not None:
+                sql += " WHERE p.room_id = ?"
+                args.append(room_id)
+            txn.execute(sql + " ORDER BY p.room_id", args)
+            return [dict(zip(_ROOM_COLUMNS, row)) for row in txn.fetchall()]
+
+        return await self._interaction("fastjoin_get_partial_state_rooms", txn_fn)
+
+    async def get_history(
+        self, room_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Finished resyncs, newest first."""
+
+        def txn_fn(txn: LoggingTransaction) -> list[dict[str, Any]]:
+            sql = f"SELECT {', '.join(_HISTORY_COLUMNS)} FROM fastjoin_resync_history"
+            args: list[Any] = []
+            if room_id is not None:
+                sql += " WHERE room_id = ?"
+                args.append(room_id)
+            sql += " ORDER BY finished_ts DESC LIMIT ?"
+            args.append(limit)
+            txn.execute(sql, args)
+            return [dict(zip(_HISTORY_COLUMNS, row)) for row in txn.fetchall()]
+
+        return await self._interaction("fastjoin_get_history", txn_fn)
+
+    async def prune_history(self, before_ts: int) -> int:
+        """Delete history rows that finished before `before_ts`; returns how many."""
+
+        def txn_fn(txn: LoggingTransaction) -> int:
+            txn.execute(
+                "DELETE FROM fastjoin_resync_history WHERE finished_ts < ?", (before_ts,)
+            )
+            return txn.rowcount
+
+        return await self._interaction("fastjoin_prune_history", txn_fn)
+
+    async def forget_rooms_not_partial(self) -> int:
+        """Drop module rows for rooms Synapse no longer holds in partial state
+        (e.g. purged while partial), so the tables do not grow stale."""
+
+        def txn_fn(txn: LoggingTransaction) -> int:
+            txn.execute(
+                "DELETE FROM fastjoin_rooms WHERE room_id NOT IN"
+                " (SELECT room_id FROM partial_state_rooms)"
+            )
+            return txn.rowcount
+
+        return await self._interaction("fastjoin_forget_rooms_not_partial", txn_fn)

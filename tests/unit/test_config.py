@@ -1,0 +1,55 @@
+"""The module's config block: defaults, and a clear error naming any bad key."""
+
+import pytest
+
+from synapse.config._base import ConfigError
+
+from synapse_fastjoin.config import FastJoinConfig, parse_config
+from synapse_fastjoin.module import FastJoinModule
+
+
+@pytest.mark.parametrize("raw", [None, {}])
+def test_empty_config_gives_defaults(raw):
+    assert FastJoinModule.parse_config(raw) == FastJoinConfig()
+    assert FastJoinConfig().admin_api is True
+    assert FastJoinConfig().history_retention_days == 90
+
+
+def test_every_key_is_accepted():
+    config = parse_config(
+        {"admin_api": False, "history_retention_days": 0, "history_prune_interval_minutes": 5}
+    )
+    assert config == FastJoinConfig(
+        admin_api=False, history_retention_days=0, history_prune_interval_minutes=5
+    )
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"admin_api": True, "resync_workers": 4})
+    assert "resync_workers" in str(e.value)
+    assert e.value.path[-1] == "resync_workers"
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("admin_api", "yes"),
+        ("admin_api", 1),
+        ("history_retention_days", "90"),
+        ("history_retention_days", True),
+        ("history_retention_days", 1.5),
+        ("history_retention_days", -1),
+        ("history_prune_interval_minutes", 0),
+    ],
+)
+def test_ill_typed_or_out_of_range_value_is_named(key, value):
+    with pytest.raises(ConfigError) as e:
+        parse_config({key: value})
+    assert key in str(e.value)
+    assert e.value.path[-1] == key
+
+
+def test_config_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_config(["admin_api"])  # type: ignore[arg-type]
