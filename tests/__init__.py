@@ -1,0 +1,1 @@
+"""Test suite of synapse-fastjoin (a package so ``tests.harness`` is importable)."""

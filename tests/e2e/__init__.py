@@ -1,0 +1,1 @@
+"""End-to-end tests: real Synapse processes federating over loopback."""
