@@ -1,0 +1,746 @@
+"""The fake resident: a Twisted HTTPS server answering federation requests for
+one generated room, with controls for tests (hold, fail, delay, cut, corrupt)
+and live traffic it pushes to the servers that joined.
+
+One process can play several residents ("personas") of the same room, each
+with its own port, server name (`localhost:<port>`) and key, so that a joining
+server has other servers in the room to fall back to.
+"""
+
+import itertools
+import json
+import logging
+import random
+import re
+import time
+import urllib.parse
+from typing import Any, Callable, Pattern
+
+import attr
+import treq
+from canonicaljson import encode_canonical_json
+from signedjson.sign import sign_json
+from twisted.internet import defer, reactor as default_reactor, ssl
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from tests.harness.certs import TLSFiles
+from tests.harness.fakehs.events import event_id as compute_event_id, finalise_event
+from tests.harness.fakehs.keys import KEY_ID, notarised_keys_json, server_keys_json, signing_key
+from tests.harness.fakehs.room import Room, StoredEvent
+
+logger = logging.getLogger(__name__)
+
+ACTIONS = ("hold", "fail", "delay", "cut", "truncate", "malformed", "oversize", "endless", "forge")
+FORGE_MODES = ("bad_signature", "bad_hash", "extra_events")
+
+
+class HTTPError(Exception):
+    def __init__(self, code: int, errcode: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.body = encode_canonical_json({"errcode": errcode, "error": message})
+
+
+@attr.s(slots=True, auto_attribs=True)
+class Rule:
+    """A misbehaviour applied to requests whose path matches `path`.
+
+    `times` limits how many requests it applies to (None: until removed).
+    """
+
+    action: str
+    path: str
+    times: int | None = None
+    status: int = 500
+    seconds: float = 0.0
+    after_bytes: int = 0
+    size: int = 0
+    mode: str = "bad_signature"
+    pattern: Pattern[str] = attr.ib(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown action {self.action!r}; use one of {ACTIONS}")
+        if self.action == "forge" and self.mode not in FORGE_MODES:
+            raise ValueError(f"unknown forge mode {self.mode!r}; use one of {FORGE_MODES}")
+        self.pattern = re.compile(self.path)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in attr.asdict(self).items() if k != "pattern"}
+
+
+@implementer(IPolicyForHTTPS)
+class _NoVerifyTLS:
+    """Test peers use self-signed certificates; a fake remote does not check them."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> ssl.CertificateOptions:  # noqa: N802
+        return ssl.CertificateOptions(verify=False)
+
+
+class _Persona:
+    def __init__(self, resident: "FakeResident", port: IListeningPort) -> None:
+        self.port = port
+        self.server_name = f"localhost:{port.getHost().port}"
+        self.user_id = f"@resident:{self.server_name}"
+
+
+class FakeResident:
+    """Serves `room` over federation. Create, `start()`, use, `stop()`.
+
+    Args:
+        room: the generated room (see `room.load_or_generate`).
+        tls: certificate and key for the listeners.
+        personas: how many residents of the room to play (each its own port).
+        full_join_only: ignore `omit_members` and always answer `/send_join`
+            with the full state, like a resident that does not do MSC3706.
+    """
+
+    def __init__(
+        self,
+        room: Room,
+        tls: TLSFiles,
+        personas: int = 1,
+        full_join_only: bool = False,
+        reactor: Any = default_reactor,
+    ) -> None:
+        self.room = room
+        self.tls = tls
+        self.persona_count = personas
+        self.full_join_only = full_join_only
+        self.reactor = reactor
+        self.personas: list[_Persona] = []
+        self.rules: list[Rule] = []
+        self._held: list[tuple[Rule, Callable[[], None]]] = []
+        self.received_pdus: list[dict[str, Any]] = []
+        self.received_edus: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str, int]] = []
+        """(method, path, status) of every request answered."""
+        self.bytes_served: dict[str, int] = {}
+        self.requests_per_endpoint: dict[str, int] = {}
+        self.unknown_routes: list[str] = []
+        self.joined_servers: list[str] = []
+        """Servers that joined through us: where live traffic is pushed."""
+        self.injected: list[str] = []
+        self._inject_loop: LoopingCall | None = None
+        self._sender = _FederationSender(self)
+        self._routes = _routes(self)
+        self._key_servers = set(room.spec.server_names())
+
+    # Life cycle.
+
+    def start(self) -> list[str]:
+        """Listen (one port per persona); each persona joins the room. Returns
+        the personas' server names."""
+        with open(self.tls.cert_path, "rb") as c, open(self.tls.key_path, "rb") as k:
+            cert = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+        for _ in range(self.persona_count):
+            site = Site(_Dispatcher(self))
+            site.noisy = False
+            port = self.reactor.listenSSL(0, site, cert.options(), interface="127.0.0.1")
+            persona = _Persona(self, port)
+            self.personas.append(persona)
+            site.resource.persona = persona  # type: ignore[attr-defined]
+            self._key_servers.add(persona.server_name)
+        for persona in self.personas:
+            self.room.create_event(
+                persona.user_id,
+                "m.room.member",
+                {"membership": "join", "displayname": "Resident"},
+                persona.user_id,
+            )
+        return [p.server_name for p in self.personas]
+
+    async def stop(self) -> None:
+        self.stop_injecting()
+        self.release()
+        for persona in self.personas:
+            await persona.port.stopListening()
+
+    @property
+    def server_name(self) -> str:
+        return self.personas[0].server_name
+
+    # Controls.
+
+    def add_rule(self, rule: Rule) -> Rule:
+        self.rules.append(rule)
+        return rule
+
+    def hold(self, path: str) -> Rule:
+        return self.add_rule(Rule("hold", path))
+
+    def clear_rules(self) -> None:
+        self.rules = []
+        self.release()
+
+    def release(self, path: str | None = None) -> int:
+        """Remove hold rules (all, or those for `path`) and let held requests go."""
+        self.rules = [
+            r for r in self.rules if not (r.action == "hold" and (path is None or r.path == path))
+        ]
+        released = [(r, go) for r, go in self._held if r not in self.rules]
+        self._held = [(r, go) for r, go in self._held if r in self.rules]
+        for _, go in released:
+            go()
+        return len(released)
+
+    def held_paths(self) -> int:
+        return len(self._held)
+
+    def _rule_for(self, path: str, actions: tuple[str, ...]) -> Rule | None:
+        for rule in self.rules:
+            if rule.action in actions and rule.pattern.search(path):
+                if rule.times is not None:
+                    rule.times -= 1
+                    if rule.times <= 0:
+                        self.rules.remove(rule)
+                return rule
+        return None
+
+    # Live traffic.
+
+    def inject(self, rate: float, count: int, state_every: int = 0) -> None:
+        """Create `count` events at `rate` per second from existing members
+        (every `state_every`-th a topic change by a moderator, 0: messages
+        only) and push them to every server that joined."""
+        self.stop_injecting()
+        rng = random.Random(len(self.room.events))
+        spec = self.room.spec
+        members = [spec.member(i) for i in range(spec.members)] or [spec.creator]
+        counter = itertools.count(1)
+
+        def one() -> None:
+            n = next(counter)
+            if n > count:
+                self.stop_injecting()
+                return
+            if state_every and n % state_every == 0 and spec.moderators:
+                event = self.room.create_event(
+                    spec.moderator(n % spec.moderators), "m.room.topic", {"topic": f"live topic {n}"}, ""
+                )
+            else:
+                event = self.room.create_event(
+                    rng.choice(members), "m.room.message", {"msgtype": "m.text", "body": f"live {n}"}
+                )
+            self.injected.append(event.event_id)
+            self._sender.send_pdu(event)
+
+        self._inject_loop = LoopingCall(one)
+        self._inject_loop.clock = self.reactor
+        self._inject_loop.start(1.0 / rate, now=False)
+
+    def stop_injecting(self) -> None:
+        if self._inject_loop is not None and self._inject_loop.running:
+            self._inject_loop.stop()
+        self._inject_loop = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "bytes_served": dict(self.bytes_served),
+            "requests": dict(self.requests_per_endpoint),
+            "unknown_routes": list(self.unknown_routes),
+            "received_pdus": len(self.received_pdus),
+            "received_edus": len(self.received_edus),
+            "injected": len(self.injected),
+            "injected_sent": self._sender.sent,
+            "joined_servers": list(self.joined_servers),
+            "held": len(self._held),
+            "rules": [r.as_json() for r in self.rules],
+        }
+
+    # Request handling.
+
+    def handle(self, persona: _Persona, request: Request) -> None:
+        path = urllib.parse.unquote(request.path.decode("ascii", "replace"))
+        method = request.method.decode()
+        endpoint, handler, args = self._route(method, path)
+        self.requests_per_endpoint[endpoint] = self.requests_per_endpoint.get(endpoint, 0) + 1
+
+        def go() -> None:
+            if request.finished or getattr(request, "_disconnected", False):
+                return
+            fail = self._rule_for(path, ("fail",))
+            if fail is not None:
+                body = encode_canonical_json({"errcode": "M_UNKNOWN", "error": "fake failure"})
+                self._write(request, endpoint, path, fail.status, body)
+                return
+            try:
+                code, body = 200, handler(persona, request, *args)
+            except HTTPError as e:
+                code, body = e.code, e.body
+            except Exception as e:  # a bug in the fake: say so loudly
+                logger.exception("fake resident failed on %s %s", method, path)
+                code, body = 500, encode_canonical_json({"errcode": "M_UNKNOWN", "error": str(e)})
+            self._respond(request, endpoint, path, code, body)
+
+        hold = self._rule_for(path, ("hold",))
+        if hold is not None:
+            logger.info("holding %s %s", method, path)
+            self._held.append((hold, go))
+            return
+        delay = self._rule_for(path, ("delay",))
+        if delay is not None:
+            self.reactor.callLater(delay.seconds, go)
+            return
+        go()
+
+    def _route(self, method: str, path: str) -> tuple[str, Callable[..., bytes], tuple[str, ...]]:
+        for route_method, pattern, name, handler in self._routes:
+            m = pattern.match(path)
+            if m and route_method == method:
+                return name, handler, m.groups()
+        self.unknown_routes.append(f"{method} {path}")
+        logger.warning("fake resident: unknown route %s %s", method, path)
+
+        def unknown(*_: Any) -> bytes:
+            raise HTTPError(404, "M_UNRECOGNIZED", f"unknown route {method} {path}")
+
+        return "unknown", unknown, ()
+
+    def _respond(self, request: Request, endpoint: str, path: str, code: int, body: bytes) -> None:
+        rule = self._rule_for(path, ("cut", "truncate", "malformed", "oversize", "endless", "forge"))
+        if rule is None or code != 200:
+            self._write(request, endpoint, path, code, body)
+        elif rule.action == "cut":
+            request.setResponseCode(code)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", str(len(body)).encode())
+            request.write(body[: rule.after_bytes])
+            self._count(endpoint, rule.after_bytes)
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+        elif rule.action == "truncate":
+            self._write(request, endpoint, path, code, body[: len(body) // 2])
+        elif rule.action == "malformed":
+            self._write(request, endpoint, path, code, b"<html>this is not JSON</html>")
+        elif rule.action == "oversize":
+            padding = b',"padding":"' + b"x" * rule.size + b'"}'
+            self._write(request, endpoint, path, code, body.rstrip(b"}") + padding)
+        elif rule.action == "endless":
+            _EndlessBody(self, request, endpoint, rule.size or 8 * 1024**3).start()
+        elif rule.action == "forge":
+            self._write(request, endpoint, path, code, self._forge(body, rule.mode))
+
+    def _write(self, request: Request, endpoint: str, path: str, code: int, body: bytes) -> None:
+        self.requests.append((request.method.decode(), path, code))
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        request.write(body)
+        request.finish()
+        self._count(endpoint, len(body))
+
+    def _count(self, endpoint: str, n: int) -> None:
+        self.bytes_served[endpoint] = self.bytes_served.get(endpoint, 0) + n
+
+    def _forge(self, body: bytes, mode: str) -> bytes:
+        """Corrupt the events of a response: every other non-create event gets a
+        broken signature or content hash, or extra validly signed events that
+        the state does not contain are added."""
+        doc = json.loads(body)
+        lists = [k for k in ("pdus", "state", "auth_chain") if isinstance(doc.get(k), list)]
+        if mode == "extra_events":
+            spec = self.room.spec
+            extra = []
+            for i in range(10):
+                stranger = f"@stranger{i}:{spec.server_name(0)}"
+                ev = {
+                    "type": "m.room.member",
+                    "room_id": self.room.room_id,
+                    "sender": stranger,
+                    "state_key": stranger,
+                    "content": {"membership": "join"},
+                    "origin_server_ts": int(time.time() * 1000),
+                    "depth": 1,
+                    "prev_events": [],
+                    "auth_events": [],
+                }
+                finalise_event(self.room.version, ev, spec.server_name(0))
+                extra.append(ev)
+            doc[lists[0]].extend(extra)
+        else:
+            for key in lists:
+                for i, ev in enumerate(doc[key]):
+                    if ev.get("type") == "m.room.create" or i % 2:
+                        continue
+                    if mode == "bad_signature":
+                        for sigs in ev.get("signatures", {}).values():
+                            for key_id in sigs:
+                                sigs[key_id] = "A" * 86
+                    else:
+                        ev.setdefault("content", {})["forged"] = True
+        return encode_canonical_json(doc)
+
+    # Persisting what the joining server sends us.
+
+    def accept_pdu(self, pdu: dict[str, Any]) -> None:
+        self.received_pdus.append(pdu)
+        if pdu.get("room_id") != self.room.room_id:
+            return
+        if not all(p in self.room.by_id for p in pdu.get("prev_events", [])):
+            return
+        event_id = compute_event_id(self.room.version, pdu)
+        self.room.add(StoredEvent.from_dict(event_id, pdu))
+
+
+class _Dispatcher(Resource):
+    isLeaf = True
+
+    def __init__(self, resident: FakeResident) -> None:
+        super().__init__()
+        self.resident = resident
+        self.persona: _Persona | None = None
+
+    def render(self, request: Request):
+        request.notifyFinish().addErrback(lambda _: setattr(request, "_disconnected", True))
+        assert self.persona is not None
+        self.resident.handle(self.persona, request)
+        return NOT_DONE_YET
+
+
+class _EndlessBody:
+    """Streams a never-ending JSON array until the client gives up (or `limit`
+    bytes, so a broken client cannot make the fake run forever)."""
+
+    CHUNK = b'{"type":"m.room.member","padding":"' + b"x" * 65000 + b'"},'
+
+    def __init__(self, resident: FakeResident, request: Request, endpoint: str, limit: int) -> None:
+        self.resident = resident
+        self.request = request
+        self.endpoint = endpoint
+        self.limit = limit
+        self.sent = 0
+        self.paused = False
+
+    def start(self) -> None:
+        self.request.setResponseCode(200)
+        self.request.setHeader(b"Content-Type", b"application/json")
+        self.request.registerProducer(self, True)
+        self.request.write(b'{"pdus":[')
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        while not self.paused and self.sent < self.limit:
+            if getattr(self.request, "_disconnected", False):
+                return
+            self.request.write(self.CHUNK)
+            self.sent += len(self.CHUNK)
+            self.resident._count(self.endpoint, len(self.CHUNK))
+        if self.sent >= self.limit:
+            self.request.unregisterProducer()
+            self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.paused = True
+        self.sent = self.limit
+
+
+class _FederationSender:
+    """Pushes PDUs to the joined servers with `/send`, one transaction in
+    flight per destination, signed with X-Matrix as the first persona."""
+
+    def __init__(self, resident: FakeResident) -> None:
+        self.resident = resident
+        self.queues: dict[str, list[bytes]] = {}
+        self.busy: set[str] = set()
+        self.sent = 0
+        self._txn = itertools.count(int(time.time()))
+        self._agent = Agent(
+            resident.reactor,
+            contextFactory=_NoVerifyTLS(),
+            pool=HTTPConnectionPool(resident.reactor, persistent=True),
+        )
+        self._http = treq.client.HTTPClient(self._agent)
+
+    def send_pdu(self, event: StoredEvent) -> None:
+        for destination in self.resident.joined_servers:
+            self.queues.setdefault(destination, []).append(event.json)
+            if destination not in self.busy:
+                defer.ensureDeferred(self._drain(destination))
+
+    async def _drain(self, destination: str) -> None:
+        self.busy.add(destination)
+        try:
+            while self.queues.get(destination):
+                batch, self.queues[destination] = self.queues[destination][:50], self.queues[destination][50:]
+                if not await self._send(destination, batch):
+                    # Put it back and retry shortly: the joiner may be busy.
+                    self.queues[destination] = batch + self.queues[destination]
+                    d: defer.Deferred = defer.Deferred()
+                    self.resident.reactor.callLater(1.0, d.callback, None)
+                    await d
+        finally:
+            self.busy.discard(destination)
+
+    async def _send(self, destination: str, pdus: list[bytes]) -> bool:
+        origin = self.resident.server_name
+        txn_id = str(next(self._txn))
+        uri = f"/_matrix/federation/v1/send/{txn_id}"
+        now = int(time.time() * 1000)
+        content = json.loads(
+            b'{"origin":' + json.dumps(origin).encode()
+            + b',"origin_server_ts":' + str(now).encode()
+            + b',"pdus":[' + b",".join(pdus) + b"]}"
+        )
+        signed = sign_json(
+            {"method": "PUT", "uri": uri, "origin": origin, "destination": destination, "content": content},
+            origin,
+            signing_key(origin),
+        )
+        sig = signed["signatures"][origin][KEY_ID]
+        auth = f'X-Matrix origin="{origin}",destination="{destination}",key="{KEY_ID}",sig="{sig}"'
+        try:
+            response = await self._http.put(
+                f"https://{destination}{uri}",
+                data=encode_canonical_json(content),
+                headers={"Authorization": auth, "Content-Type": "application/json"},
+                timeout=60,
+            )
+            await response.content()
+        except Exception as e:
+            logger.warning("sending to %s failed: %s", destination, e)
+            return False
+        if response.code != 200:
+            logger.warning("sending to %s: HTTP %d", destination, response.code)
+            return False
+        self.sent += len(pdus)
+        return True
+
+
+# Route handlers. Each returns the JSON body of a 200 answer, or raises HTTPError.
+
+def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(request.content.read() or b"{}")
+    except ValueError:
+        raise HTTPError(400, "M_NOT_JSON", "body is not JSON")
+
+
+def _query(request: Request, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    return values[0].decode() if values else None
+
+
+def _routes(resident: FakeResident) -> list[tuple[str, Pattern[str], str, Callable[..., bytes]]]:
+    room = resident.room
+    F = "/_matrix/federation"
+
+    def check_room(room_id: str) -> None:
+        if room_id != room.room_id:
+            raise HTTPError(404, "M_NOT_FOUND", f"unknown room {room_id}")
+
+    def event_or_404(event_id: str) -> StoredEvent:
+        event = room.by_id.get(event_id)
+        if event is None:
+            raise HTTPError(404, "M_NOT_FOUND", f"unknown event {event_id}")
+        return event
+
+    def own_keys(persona: _Persona, request: Request, *_: str) -> bytes:
+        return encode_canonical_json(server_keys_json(persona.server_name))
+
+    def query_keys(persona: _Persona, request: Request) -> bytes:
+        wanted = _json_body(request).get("server_keys", {})
+        docs = [notarised_keys_json(s, persona.server_name) for s in wanted if s in resident._key_servers]
+        return encode_canonical_json({"server_keys": docs})
+
+    def query_one_key(persona: _Persona, request: Request, server: str, *_: str) -> bytes:
+        docs = [notarised_keys_json(server, persona.server_name)] if server in resident._key_servers else []
+        return encode_canonical_json({"server_keys": docs})
+
+    def version(persona: _Persona, request: Request) -> bytes:
+        return b'{"server":{"name":"synapse-fastjoin fake resident","version":"1"}}'
+
+    def make_join(persona: _Persona, request: Request, room_id: str, user_id: str) -> bytes:
+        check_room(room_id)
+        versions = [v.decode() for v in request.args.get(b"ver", [])]
+        if room.spec.room_version not in versions:
+            raise HTTPError(400, "M_INCOMPATIBLE_ROOM_VERSION", "room version not supported by joiner")
+        prev = room.forward_extremities()
+        content = {"membership": "join"}
+        template = {
+            "type": "m.room.member",
+            "room_id": room.room_id,
+            "sender": user_id,
+            "state_key": user_id,
+            "content": content,
+            "origin_server_ts": int(time.time() * 1000),
+            "depth": max(room.by_id[p].depth for p in prev) + 1,
+            "prev_events": prev,
+            "auth_events": room.auth_events_for("m.room.member", user_id, user_id, content),
+        }
+        return encode_canonical_json({"event": template, "room_version": room.spec.room_version})
+
+    def send_join(persona: _Persona, request: Request, room_id: str, event_id: str) -> bytes:
+        check_room(room_id)
+        event = _json_body(request)
+        if compute_event_id(room.version, event) != event_id:
+            raise HTTPError(400, "M_BAD_JSON", "event id does not match the event")
+        missing = [p for p in event.get("prev_events", []) if p not in room.by_id]
+        if missing:
+            raise HTTPError(400, "M_BAD_JSON", f"unknown prev_events {missing}")
+        omit_members = _query(request, "omit_members") == "true" and not resident.full_join_only
+        # The state before the join: the state after its prev events.
+        state = room.state_before(event_id) if event_id in room.by_id else _state_after(room, event["prev_events"])
+        joiner = event["state_key"]
+        if omit_members:
+            state_ids = [
+                eid for (etype, skey), eid in state.items()
+                if etype != "m.room.member" or skey == joiner
+            ]
+            if ("m.room.name", "") not in state and ("m.room.canonical_alias", "") not in state:
+                # MSC3943: heroes for a nameless room.
+                heroes = [u for u in room.joined_members(state) if u != joiner][:5]
+                state_ids += [state[("m.room.member", u)] for u in heroes]
+            chain = room.auth_chain(state_ids + list(event["auth_events"]))
+            in_state = set(state_ids)
+            chain = [e for e in chain if e not in in_state]
+        else:
+            state_ids = list(state.values())
+            chain = room.auth_chain(state_ids + list(event["auth_events"]))
+        state_ids.sort(key=room.index_of)
+        servers = room.servers_in_room(state)
+        room.add(StoredEvent.from_dict(event_id, event))
+        joining_server = joiner.split(":", 1)[1]
+        if joining_server not in resident.joined_servers:
+            resident.joined_servers.append(joining_server)
+        return (
+            b'{"origin":' + json.dumps(persona.server_name).encode()
+            + b',"members_omitted":' + (b"true" if omit_members else b"false")
+            + b',"servers_in_room":' + encode_canonical_json(servers if omit_members else [])
+            + b',"state":' + room.json_list(state_ids)
+            + b',"auth_chain":' + room.json_list(chain)
+            + b',"event":' + encode_canonical_json(event)
+            + b"}"
+        )
+
+    def state_ids(persona: _Persona, request: Request, room_id: str) -> bytes:
+        check_room(room_id)
+        at = event_or_404(_query(request, "event_id") or "")
+        state = list(room.state_before(at.event_id).values())
+        return encode_canonical_json({"pdu_ids": state, "auth_chain_ids": room.auth_chain(state)})
+
+    def state(persona: _Persona, request: Request, room_id: str) -> bytes:
+        check_room(room_id)
+        at = event_or_404(_query(request, "event_id") or "")
+        state = sorted(room.state_before(at.event_id).values(), key=room.index_of)
+        return b'{"pdus":' + room.json_list(state) + b',"auth_chain":' + room.json_list(room.auth_chain(state)) + b"}"
+
+    def get_event(persona: _Persona, request: Request, event_id: str) -> bytes:
+        event = event_or_404(event_id)
+        return (
+            b'{"origin":' + json.dumps(persona.server_name).encode()
+            + b',"origin_server_ts":' + str(int(time.time() * 1000)).encode()
+            + b',"pdus":[' + event.json + b"]}"
+        )
+
+    def event_auth(persona: _Persona, request: Request, room_id: str, event_id: str) -> bytes:
+        check_room(room_id)
+        event = event_or_404(event_id)
+        return b'{"auth_chain":' + room.json_list(room.auth_chain([event.event_id])) + b"}"
+
+    def get_missing_events(persona: _Persona, request: Request, room_id: str) -> bytes:
+        check_room(room_id)
+        body = _json_body(request)
+        limit = int(body.get("limit", 10))
+        earliest = set(body.get("earliest_events", []))
+        stop: set[str] = set(earliest)
+        for e in earliest:
+            if e in room.by_id:
+                stop |= room.ancestors(e)
+        found: set[str] = set()
+        todo = [p for e in body.get("latest_events", []) if e in room.by_id for p in room.by_id[e].prev_events]
+        while todo:
+            current = todo.pop()
+            if current in found or current in stop or current not in room.by_id:
+                continue
+            found.add(current)
+            todo.extend(room.by_id[current].prev_events)
+        ordered = sorted(found, key=room.index_of)[-limit:]
+        return b'{"events":' + room.json_list(ordered) + b"}"
+
+    def backfill(persona: _Persona, request: Request, room_id: str) -> bytes:
+        check_room(room_id)
+        limit = int(_query(request, "limit") or 10)
+        start = [v.decode() for v in request.args.get(b"v", []) if v.decode() in room.by_id]
+        found: list[str] = []
+        seen: set[str] = set()
+        todo = list(start)
+        while todo and len(found) < limit:
+            todo.sort(key=room.index_of)
+            current = todo.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            found.append(current)
+            todo.extend(p for p in room.by_id[current].prev_events if p in room.by_id)
+        return (
+            b'{"origin":' + json.dumps(persona.server_name).encode()
+            + b',"origin_server_ts":' + str(int(time.time() * 1000)).encode()
+            + b',"pdus":' + room.json_list(found) + b"}"
+        )
+
+    def send(persona: _Persona, request: Request, txn_id: str) -> bytes:
+        body = _json_body(request)
+        results = {}
+        for pdu in body.get("pdus", []):
+            resident.accept_pdu(pdu)
+            try:
+                results[compute_event_id(room.version, pdu)] = {}
+            except Exception:
+                pass
+        resident.received_edus.extend(body.get("edus", []))
+        return encode_canonical_json({"pdus": results})
+
+    def user_devices(persona: _Persona, request: Request, user_id: str) -> bytes:
+        return encode_canonical_json({"user_id": user_id, "stream_id": 0, "devices": []})
+
+    def keys_query(persona: _Persona, request: Request) -> bytes:
+        wanted = _json_body(request).get("device_keys", {})
+        return encode_canonical_json({"device_keys": {u: {} for u in wanted}})
+
+    def keys_claim(persona: _Persona, request: Request) -> bytes:
+        return b'{"one_time_keys":{}}'
+
+    def r(method: str, path: str, name: str, handler: Callable[..., bytes]):
+        return (method, re.compile("^" + path + "$"), name, handler)
+
+    return [
+        r("GET", r"/_matrix/key/v2/server(?:/([^/]*))?", "key_server", own_keys),
+        r("POST", r"/_matrix/key/v2/query", "key_query", query_keys),
+        r("GET", r"/_matrix/key/v2/query/([^/]+)(?:/([^/]*))?", "key_query", query_one_key),
+        r("GET", F + r"/v1/version", "version", version),
+        r("GET", F + r"/v1/make_join/([^/]+)/([^/]+)", "make_join", make_join),
+        r("PUT", F + r"/v2/send_join/([^/]+)/([^/]+)", "send_join", send_join),
+        r("GET", F + r"/v1/state_ids/([^/]+)", "state_ids", state_ids),
+        r("GET", F + r"/v1/state/([^/]+)", "state", state),
+        r("GET", F + r"/v1/event/([^/]+)", "event", get_event),
+        r("GET", F + r"/v1/event_auth/([^/]+)/([^/]+)", "event_auth", event_auth),
+        r("POST", F + r"/v1/get_missing_events/([^/]+)", "get_missing_events", get_missing_events),
+        r("GET", F + r"/v1/backfill/([^/]+)", "backfill", backfill),
+        r("PUT", F + r"/v1/send/([^/]+)", "send", send),
+        r("GET", F + r"/v1/user/devices/([^/]+)", "user_devices", user_devices),
+        r("POST", F + r"/v1/user/keys/query", "keys_query", keys_query),
+        r("POST", F + r"/v1/user/keys/claim", "keys_claim", keys_claim),
+    ]
+
+
+def _state_after(room: Room, prev_events: list[str]) -> dict[tuple[str, str], str]:
+    """The state after `prev_events` (the state a new event on top of them sees)."""
+    state: dict[tuple[str, str], str] = {}
+    for prev in sorted(prev_events, key=room.index_of):
+        state.update(room.state_before(prev))
+        event = room.by_id[prev]
+        if event.is_state:
+            state[(event.type, event.state_key)] = prev  # type: ignore[index]
+    return state
