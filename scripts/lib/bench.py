@@ -1,0 +1,401 @@
+"""Side-by-side benchmark of remote joins of generated rooms.
+
+For each database, room size and traffic rate, the same generated room is
+joined by
+  stock       stock Synapse 1.163.2 (its built-in faster joins),
+  stock-full  stock Synapse against a resident that ignores omit_members,
+  patched     patched Synapse with synapse-fastjoin enabled,
+each from a fresh server and a fresh fake resident process, and measured:
+
+  T_join     POST /join until 200
+  T_full     from the start of the join until a request that needs the full
+             state answers (the state event of one remote member)
+  T_members  the /members request after that
+  peak RSS and CPU seconds of the joining Synapse (from /proc)
+  bytes served per federation endpoint (counted by the fake resident)
+  responsiveness: latency of GET /account/whoami polled every 100 ms from the
+             join until T_full
+  live traffic: events injected by the resident at the given rate from the
+             join until T_full, and how many the joiner persisted
+and the final member list and current state are compared with the resident's.
+
+Run it through `scripts/bench` (see --help there).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.harness.fakehs.process import FakeResidentProcess  # noqa: E402
+from tests.harness.fakehs.room import RoomSpec, load_or_generate  # noqa: E402
+from tests.harness.postgres import PostgresAdmin  # noqa: E402
+from tests.harness.synapse import SynapseServer, merge_config  # noqa: E402
+
+VARIANTS = ("stock", "stock-full", "patched")
+MODULE = {"modules": [{"module": "synapse_fastjoin.FastJoinModule", "config": {}}]}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def http(method: str, url: str, token: str | None = None, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class ProcSampler(threading.Thread):
+    """Samples a process's RSS and CPU time from /proc every `interval` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss = 0
+        self.stop_event = threading.Event()
+        self.cpu_start = self.cpu_seconds()
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                self.peak_rss = max(self.peak_rss, self.rss())
+            except OSError:
+                return
+
+    def finish(self) -> dict[str, float]:
+        self.stop_event.set()
+        self.join()
+        self.peak_rss = max(self.peak_rss, self.rss())
+        return {"peak_rss_mb": self.peak_rss / 2**20, "cpu_s": self.cpu_seconds() - self.cpu_start}
+
+
+class LatencyPoller(threading.Thread):
+    """GET whoami every 100 ms; records (offset, latency) until stopped."""
+
+    def __init__(self, url: str, token: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.token = token
+        self.samples: list[float] = []
+        self.errors = 0
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                status, _ = http("GET", self.url, self.token, timeout=30)
+                if status != 200:
+                    self.errors += 1
+            except Exception:
+                self.errors += 1
+            latency = time.monotonic() - started
+            self.samples.append(latency)
+            self.stop_event.wait(max(0.0, 0.1 - latency))
+
+    def finish(self) -> dict[str, float | int]:
+        self.stop_event.set()
+        self.join()
+        s = sorted(self.samples) or [0.0]
+        return {
+            "latency_p50_ms": 1000 * s[len(s) // 2],
+            "latency_p99_ms": 1000 * s[min(len(s) - 1, int(len(s) * 0.99))],
+            "latency_max_ms": 1000 * s[-1],
+            "latency_samples": len(self.samples),
+            "latency_errors": self.errors,
+        }
+
+
+def current_state(server: SynapseServer, room_id: str) -> list[list[str]]:
+    rows = server.database.query(
+        "SELECT type, state_key, event_id FROM current_state_events WHERE room_id = "
+        + server.database.placeholder,
+        (room_id,),
+    )
+    return sorted([list(r) for r in rows])
+
+
+def persisted(server: SynapseServer, event_ids: list[str]) -> int:
+    """How many of `event_ids` the server stored as accepted, non-outlier events."""
+    count = 0
+    p = server.database.placeholder
+    for i in range(0, len(event_ids), 500):
+        chunk = event_ids[i : i + 500]
+        rows = server.database.query(
+            f"SELECT COUNT(*) FROM events e LEFT JOIN rejections r USING (event_id)"
+            f" WHERE e.outlier = {'FALSE' if server.database.backend == 'postgres' else '0'}"
+            f" AND r.event_id IS NULL AND e.event_id IN ({','.join([p] * len(chunk))})",
+            tuple(chunk),
+        )
+        count += rows[0][0]
+    return count
+
+
+def interesting_log_lines(server: SynapseServer, limit: int = 40) -> list[str]:
+    keys = ("partial", "resync", "Syncing state", "state for room", "Updating current state",
+            "Clearing partial", "giving up", "Failed", "ERROR", "CRITICAL", "Pruned", "prun")
+    lines = [line for line in server.read_log().splitlines() if any(k in line for k in keys)]
+    return lines[:limit // 2] + (["..."] if len(lines) > limit else []) + lines[-limit // 2:]
+
+
+def run_one(args: argparse.Namespace, spec: RoomSpec, db: str, traffic: float, variant: str, workdir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "variant": variant, "db": db, "members": spec.members, "servers": spec.servers,
+        "traffic": traffic, "ok": False,
+    }
+    fake = FakeResidentProcess(spec, workdir / "fake", full_join_only=(variant == "stock-full"), python=sys.executable)
+    joiner: SynapseServer | None = None
+    try:
+        fake.start()
+        config = merge_config(fake.trusted_key_servers_config(), MODULE if variant == "patched" else None)
+        joiner = SynapseServer(
+            workdir / "joiner", variant="patched" if variant == "patched" else "stock", db=db,
+            config=config, name=f"joiner-{variant}",
+            postgres=PostgresAdmin.from_env() if db == "postgres" else None,
+        )
+        joiner.start()
+        _, token = joiner.register_user("bench")
+        base = joiner.client_url + "/_matrix/client/v3"
+        room = urllib.parse.quote(fake.room_id, safe="")
+        remote_member = urllib.parse.quote(spec.member(spec.members - 1), safe="")
+
+        sampler = ProcSampler(joiner.pid)  # type: ignore[arg-type]
+        poller = LatencyPoller(base + "/account/whoami", token)
+        sampler.start()
+        poller.start()
+        started = time.monotonic()
+        status, body = http(
+            "POST", f"{base}/join/{room}?server_name={urllib.parse.quote(fake.server_name)}",
+            token, {}, timeout=args.timeout,
+        )
+        result["t_join"] = time.monotonic() - started
+        if status != 200:
+            raise RuntimeError(f"join failed: {status} {body}")
+        if traffic:
+            fake.inject(traffic, int(traffic * args.timeout), state_every=args.state_every)
+        status, body = http("GET", f"{base}/rooms/{room}/state/m.room.member/{remote_member}", token,
+                            timeout=max(1.0, args.timeout - (time.monotonic() - started)))
+        result["t_full"] = time.monotonic() - started
+        if status != 200:
+            raise RuntimeError(f"full-state request failed: {status} {body}")
+        result.update(poller.finish())
+        injected = fake.stop_injecting() if traffic else 0
+
+        members_started = time.monotonic()
+        status, body = http("GET", f"{base}/rooms/{room}/members", token, timeout=args.timeout)
+        result["t_members"] = time.monotonic() - members_started
+        if status != 200:
+            raise RuntimeError(f"/members failed: {status}")
+        joined = sorted(m["state_key"] for m in body["chunk"] if m["content"]["membership"] == "join")
+        result.update(sampler.finish())
+
+        if traffic:
+            # Live events still in flight reach the joiner within a few seconds.
+            ids = fake.injected()
+            deadline = time.monotonic() + 120
+            while True:
+                result["live_persisted"] = persisted(joiner, ids)
+                if result["live_persisted"] >= len(ids) or time.monotonic() > deadline:
+                    break
+                time.sleep(2)
+            result["live_injected"] = injected
+        expected_members = fake.control("GET", "/room/members")["members"]
+        result["members_match"] = joined == expected_members
+        expected_state = fake.control("GET", "/room/state")["state"]
+        result["state_match"] = current_state(joiner, fake.room_id) == sorted(expected_state)
+        result["bytes_served"] = fake.stats()["bytes_served"]
+        result["ok"] = True
+    except Exception as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        log(f"  {variant}: FAILED: {result['error']}")
+        if joiner is not None:
+            result["log_excerpt"] = interesting_log_lines(joiner)
+    finally:
+        if joiner is not None:
+            joiner.close()
+        fake.stop()
+    return result
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["db"], r["members"], r["servers"], r["traffic"], r["variant"]), []).append(r)
+    rows = []
+    for (db, n, s, traffic, variant), runs in groups.items():
+        ok = [r for r in runs if r["ok"]]
+        row: dict[str, Any] = {"db": db, "members": n, "servers": s, "traffic": traffic, "variant": variant,
+                               "runs": len(runs), "ok": len(ok)}
+        for key in ("t_join", "t_full", "t_members", "peak_rss_mb", "cpu_s", "latency_p50_ms",
+                    "latency_p99_ms", "latency_max_ms", "live_injected", "live_persisted"):
+            row[key] = median([r[key] for r in ok if r.get(key) is not None])
+        row["members_match"] = all(r.get("members_match") for r in ok) if ok else None
+        row["state_match"] = all(r.get("state_match") for r in ok) if ok else None
+        rows.append(row)
+    for row in rows:
+        base = next((b for b in rows if b["variant"] == "stock" and all(
+            b[k] == row[k] for k in ("db", "members", "servers", "traffic"))), None)
+        if base and base["t_full"] and row["t_full"]:
+            row["t_full_speedup_vs_stock"] = base["t_full"] / row["t_full"]
+    return rows
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| db | N | S | traffic/s | variant | ok/runs | T_join s | T_full s | × stock | T_members s "
+            "| peak RSS MB | CPU s | p50 ms | p99 ms | max ms | live persisted | members = | state = |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in sorted(rows, key=lambda r: (r["db"], r["traffic"], r["members"], VARIANTS.index(r["variant"]))):
+        live = (f"{fmt(r['live_persisted'], '.0f')}/{fmt(r['live_injected'], '.0f')}" if r["traffic"] else "–")
+        lines.append(
+            f"| {r['db']} | {r['members']:,} | {r['servers']:,} | {r['traffic']:g} | {r['variant']} "
+            f"| {r['ok']}/{r['runs']} | {fmt(r['t_join'], '.2f')} | {fmt(r['t_full'])} "
+            f"| {fmt(r.get('t_full_speedup_vs_stock'), '.2f')} | {fmt(r['t_members'])} | {fmt(r['peak_rss_mb'], '.0f')} "
+            f"| {fmt(r['cpu_s'])} | {fmt(r['latency_p50_ms'], '.0f')} | {fmt(r['latency_p99_ms'], '.0f')} "
+            f"| {fmt(r['latency_max_ms'], '.0f')} | {live} | {fmt(r['members_match'])} | {fmt(r['state_match'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    configs = sorted({(r["db"], r["traffic"]) for r in rows})
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4.2), squeeze=False)
+    for ax, (db, traffic) in zip(axes[0], configs):
+        for variant in VARIANTS:
+            pts = sorted((r["members"], r["t_full"]) for r in rows
+                         if (r["db"], r["traffic"], r["variant"]) == (db, traffic, variant) and r["t_full"])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+        ax.set_title(f"{db}, {traffic:g} live events/s")
+        ax.set_xlabel("members (N)")
+        ax.set_ylabel("T_full: join until full state (s)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,50000,200000", help="room sizes N (comma-separated)")
+    parser.add_argument("--servers", type=int, default=1000, help="server names S the members are spread over")
+    parser.add_argument("--traffic", default="0", help="live events per second during the resync (comma-separated)")
+    parser.add_argument("--state-every", type=int, default=0, help="every Nth live event is a topic change")
+    parser.add_argument("--db", default="sqlite", help="sqlite, postgres or both (comma-separated)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a run may take")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "latest",
+                        help="prefix for the .json, .md and .png written")
+    parser.add_argument("--keep", action="store_true", help="keep each run's data directory")
+    args = parser.parse_args()
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    traffics = [float(t) for t in args.traffic.split(",")]
+    dbs = args.db.split(",")
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v}")
+    for n in sizes:
+        log(f"Preparing the generated room of {n:,} members over {args.servers:,} servers ...")
+        load_or_generate(RoomSpec(members=n, servers=args.servers))
+
+    results: list[dict[str, Any]] = []
+    started = time.time()
+    for db in dbs:
+        for traffic in traffics:
+            for n in sizes:
+                spec = RoomSpec(members=n, servers=args.servers)
+                for repeat in range(args.repeats):
+                    # Interleave the variants so that drifts of a noisy machine hit all alike.
+                    for variant in variants:
+                        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
+                        log(f"{db} N={n:,} traffic={traffic:g}/s {variant} (run {repeat + 1}/{args.repeats}) ...")
+                        r = run_one(args, spec, db, traffic, variant, workdir)
+                        r["repeat"] = repeat
+                        results.append(r)
+                        if r["ok"]:
+                            log(f"  join {r['t_join']:.2f}s full {r['t_full']:.1f}s members {r['t_members']:.1f}s"
+                                f" rss {r['peak_rss_mb']:.0f}MB cpu {r['cpu_s']:.0f}s p99 {r['latency_p99_ms']:.0f}ms"
+                                + (f" live {r['live_persisted']}/{r['live_injected']}" if traffic else ""))
+                        if args.keep or not r["ok"]:
+                            r["workdir"] = str(workdir)
+                        else:
+                            shutil.rmtree(workdir, ignore_errors=True)
+    rows = summarise(results)
+    table = markdown_table(rows)
+    print()
+    print(table)
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "duration_s": time.time() - started,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
+    args.out.with_suffix(".md").write_text(table + "\n")
+    plot(rows, args.out.with_suffix(".png"))
+    log(f"Wrote {args.out}.json, .md and .png")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
