@@ -52,15 +52,17 @@ def _history_json(row: dict[str, Any]) -> JsonDict:
     }
 
 
-class PartialStateRoomsServlet(RestServlet):
-    """GET /_synapse/admin/v1/fastjoin/rooms: every partial-state room."""
-
-    PATTERNS = admin_patterns("/fastjoin/rooms$")
-
+class _AdminServlet(RestServlet):
     def __init__(self, hs: "HomeServer", store: "FastJoinStore"):
         super().__init__()
         self._auth = hs.get_auth()
         self._store = store
+
+
+class PartialStateRoomsServlet(_AdminServlet):
+    """GET /_synapse/admin/v1/fastjoin/rooms: every partial-state room."""
+
+    PATTERNS = admin_patterns("/fastjoin/rooms$")
 
     async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
         await assert_requester_is_admin(self._auth, request)
@@ -68,16 +70,11 @@ class PartialStateRoomsServlet(RestServlet):
         return 200, {"rooms": rooms, "total": len(rooms)}
 
 
-class PartialStateRoomServlet(RestServlet):
+class PartialStateRoomServlet(_AdminServlet):
     """GET /_synapse/admin/v1/fastjoin/rooms/{roomId}: one partial-state room,
     404 if the room is not (or no longer) partial."""
 
     PATTERNS = admin_patterns("/fastjoin/rooms/(?P<room_id>[^/]+)$")
-
-    def __init__(self, hs: "HomeServer", store: "FastJoinStore"):
-        super().__init__()
-        self._auth = hs.get_auth()
-        self._store = store
 
     async def on_GET(
         self, request: SynapseRequest, room_id: str
@@ -89,16 +86,11 @@ class PartialStateRoomServlet(RestServlet):
         return 200, _room_json(rows[0])
 
 
-class ResyncHistoryServlet(RestServlet):
+class ResyncHistoryServlet(_AdminServlet):
     """GET /_synapse/admin/v1/fastjoin/history[?room_id=...&limit=N]: finished
     resyncs, newest first, with their durations."""
 
     PATTERNS = admin_patterns("/fastjoin/history$")
-
-    def __init__(self, hs: "HomeServer", store: "FastJoinStore"):
-        super().__init__()
-        self._auth = hs.get_auth()
-        self._store = store
 
     async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
         await assert_requester_is_admin(self._auth, request)
