@@ -291,7 +291,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             "| peak RSS MB | CPU s | p50 ms | p99 ms | max ms | live persisted | members = | state = |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in sorted(rows, key=lambda r: (r["db"], r["traffic"], r["members"], VARIANTS.index(r["variant"]))):
-        live = (f"{fmt(r['live_persisted'], '.0f')}/{fmt(r['live_injected'], '.0f')}" if r["traffic"] else "–")
+        # Nothing is injected when the join itself already brought the full state.
+        live = (f"{fmt(r['live_persisted'], '.0f')}/{fmt(r['live_injected'], '.0f')}"
+                if r["traffic"] and r["live_injected"] else "–")
         lines.append(
             f"| {r['db']} | {r['members']:,} | {r['servers']:,} | {r['traffic']:g} | {r['variant']} "
             f"| {r['ok']}/{r['runs']} | {fmt(r['t_join'], '.2f')} | {fmt(r['t_full'])} "
@@ -330,6 +332,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def write_outputs(
+    args: argparse.Namespace, results: list[dict[str, Any]], started: float, final: bool
+) -> list[dict[str, Any]]:
+    """Write the .json (every run), .md (the table) and, at the end, the .png."""
+    rows = summarise(results)
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "duration_s": time.time() - started,
+        "complete": final,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown_table(rows) + "\n")
+    if final:
+        plot(rows, args.out.with_suffix(".png"))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000,200000", help="room sizes N (comma-separated)")
@@ -343,7 +366,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "latest",
                         help="prefix for the .json, .md and .png written")
     parser.add_argument("--keep", action="store_true", help="keep each run's data directory")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: combine the runs of earlier .json outputs into --out")
     args = parser.parse_args()
+
+    if args.merge:
+        runs = [r for path in args.merge for r in json.loads(path.read_text())["runs"]]
+        rows = write_outputs(args, runs, time.time(), final=True)
+        print(markdown_table(rows))
+        return 0
 
     sizes = [int(s) for s in args.sizes.split(",")]
     traffics = [float(t) for t in args.traffic.split(",")]
@@ -378,21 +409,11 @@ def main() -> int:
                             r["workdir"] = str(workdir)
                         else:
                             shutil.rmtree(workdir, ignore_errors=True)
-    rows = summarise(results)
-    table = markdown_table(rows)
+                        # Written after every run, so a run cut short keeps what finished.
+                        write_outputs(args, results, started, final=False)
+    rows = write_outputs(args, results, started, final=True)
     print()
-    print(table)
-    meta = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-        "duration_s": time.time() - started,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
-    args.out.with_suffix(".md").write_text(table + "\n")
-    plot(rows, args.out.with_suffix(".png"))
+    print(markdown_table(rows))
     log(f"Wrote {args.out}.json, .md and .png")
     return 0 if all(r["ok"] for r in results) else 1
 
