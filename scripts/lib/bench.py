@@ -167,7 +167,7 @@ def persisted(server: SynapseServer, event_ids: list[str]) -> int:
 
 def interesting_log_lines(server: SynapseServer, limit: int = 40) -> list[str]:
     keys = ("partial", "resync", "Syncing state", "state for room", "Updating current state",
-            "Clearing partial", "giving up", "Failed", "ERROR", "CRITICAL", "Pruned", "prun")
+            "Clearing partial", "giving up", "Failed", "ERROR", "CRITICAL", "Pruning")
     lines = [line for line in server.read_log().splitlines() if any(k in line for k in keys)]
     return lines[:limit // 2] + (["..."] if len(lines) > limit else []) + lines[-limit // 2:]
 

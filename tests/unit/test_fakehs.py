@@ -82,7 +82,7 @@ async def test_hold_keeps_a_request_until_released(resident):
     resident.hold("/state_ids/")
     d = defer.ensureDeferred(get(resident, f"{F}/state_ids/{resident.room.room_id}?event_id={tip(resident)}"))
     await sleep(0.5)
-    assert not d.called and resident.held_paths() == 1
+    assert not d.called and resident.held_count() == 1
     assert resident.release() == 1
     code, _ = await d
     assert code == 200

@@ -77,7 +77,7 @@ class _Control(Resource):
             return {"members": r.room.joined_members()}
         if (method, path) == ("GET", "/received"):
             return {
-                "pdus": [{"event_id": None, "type": p.get("type"), "sender": p.get("sender")} for p in r.received_pdus],
+                "pdus": [{"type": p.get("type"), "sender": p.get("sender")} for p in r.received_pdus],
                 "edus": r.received_edus,
             }
         if (method, path) == ("POST", "/shutdown"):

@@ -84,7 +84,7 @@ class _NoVerifyTLS:
 
 
 class _Persona:
-    def __init__(self, resident: "FakeResident", port: IListeningPort) -> None:
+    def __init__(self, port: IListeningPort) -> None:
         self.port = port
         self.server_name = f"localhost:{port.getHost().port}"
         self.user_id = f"@resident:{self.server_name}"
@@ -143,7 +143,7 @@ class FakeResident:
             site = Site(_Dispatcher(self))
             site.noisy = False
             port = self.reactor.listenSSL(0, site, cert.options(), interface="127.0.0.1")
-            persona = _Persona(self, port)
+            persona = _Persona(port)
             self.personas.append(persona)
             site.resource.persona = persona  # type: ignore[attr-defined]
             self._key_servers.add(persona.server_name)
@@ -190,7 +190,8 @@ class FakeResident:
             go()
         return len(released)
 
-    def held_paths(self) -> int:
+    def held_count(self) -> int:
+        """How many requests are being held right now."""
         return len(self._held)
 
     def _rule_for(self, path: str, actions: tuple[str, ...]) -> Rule | None:
