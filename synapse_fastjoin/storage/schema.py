@@ -9,6 +9,7 @@ SQL is plain enough to run unchanged on SQLite and PostgreSQL.
 import logging
 
 from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import Sqlite3Engine
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ class SchemaTooNewError(Exception):
     """The database was written by a newer version of the module."""
 
 
+def _begin_explicitly_on_sqlite(txn: LoggingTransaction) -> None:
+    """Python's sqlite3 opens a transaction implicitly only before INSERT,
+    UPDATE, DELETE and REPLACE: DDL run before any of those commits on its own.
+    Open one explicitly so the whole upgrade commits or rolls back as a unit,
+    and no reader ever sees the tables without their version row."""
+    if isinstance(txn.database_engine, Sqlite3Engine):
+        connection = txn.txn.connection
+        if not connection.in_transaction:
+            txn.execute("BEGIN")
+
+
 def prepare_schema_txn(txn: LoggingTransaction) -> int:
     """Bring the module's tables up to `SCHEMA_VERSION`.
 
@@ -70,6 +82,7 @@ def prepare_schema_txn(txn: LoggingTransaction) -> int:
         SchemaTooNewError: the database is at a later version than this code knows;
             downgrading the module is refused rather than guessed at.
     """
+    _begin_explicitly_on_sqlite(txn)
     txn.execute(
         "CREATE TABLE IF NOT EXISTS fastjoin_schema_version ("
         " lock CHAR(1) NOT NULL DEFAULT 'X' UNIQUE CHECK (lock = 'X'),"

@@ -52,10 +52,18 @@ def test_module_starts_with_empty_config_and_creates_its_tables(
 ):
     server = synapse_factory(variant="patched", db=db_backend, config=_modules({}))
     # The schema is created by a background process right after start-up.
-    deadline = time.monotonic() + 30
-    while _schema_version(server) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _schema_version(server) == [(SCHEMA_VERSION,)]
+    assert _wait_for_schema_version(server) == [(SCHEMA_VERSION,)]
     server.stop()
     server.start()  # a restart finds the tables and leaves them as they are
-    assert _schema_version(server) == [(SCHEMA_VERSION,)]
+    assert _wait_for_schema_version(server) == [(SCHEMA_VERSION,)]
+
+
+def _wait_for_schema_version(server, timeout=30):
+    """The version row, once readable: on SQLite a read can fail while the
+    starting server holds the write lock, so poll rather than read once."""
+    deadline = time.monotonic() + timeout
+    found = _schema_version(server)
+    while found != [(SCHEMA_VERSION,)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = _schema_version(server)
+    return found
