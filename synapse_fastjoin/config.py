@@ -15,6 +15,51 @@ _CONFIG_PATH = ("modules", "synapse_fastjoin.FastJoinModule", "config")
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class ResyncConfig:
+    """The `resync:` block: how the engine fetches and processes state."""
+
+    engine: bool = True
+    """Take over Synapse's resync (false: Synapse's own loop runs; the module
+    only records and reports)."""
+
+    chunk_size: int = 1000
+    """Events parsed and checked together (the unit of memory use)."""
+
+    persist_batch_size: int = 500
+    """Events persisted per database transaction."""
+
+    check_threads: int = 2
+    """Worker threads for signature and hash checks."""
+
+    event_fetch_threshold: int = 2000
+    """Fetch missing events one by one (/event, from several servers at once)
+    when at most this many are missing; stream /state otherwise."""
+
+    event_fetch_concurrency: int = 20
+    """/event requests in flight at once."""
+
+    parallel_servers: int = 3
+    """How many servers /event requests are spread over."""
+
+    park_limit: int = 20000
+    """Events held while their auth events have not arrived; past this they
+    are dropped and fetched again in a later round."""
+
+    catchup_batch_size: int = 500
+    """Partial-state events read per query during catch-up."""
+
+    request_timeout_seconds: int = 120
+    """Give up on a request that sends nothing for this long."""
+
+    backoff_initial_seconds: int = 5
+    backoff_max_seconds: int = 300
+    """Retry delays after a failure (doubling, with jitter)."""
+
+    log_interval_seconds: int = 5
+    """How often progress is logged and checkpointed."""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class FastJoinConfig:
     """Validated configuration of `synapse_fastjoin.FastJoinModule`."""
 
@@ -26,6 +71,8 @@ class FastJoinConfig:
 
     history_prune_interval_minutes: int = 60
     """How often expired history rows are deleted."""
+
+    resync: ResyncConfig = attr.Factory(ResyncConfig)
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -49,7 +96,56 @@ def _int(key: str, value: Any, minimum: int) -> int:
     return value
 
 
+_RESYNC_PATH = _CONFIG_PATH + ("resync",)
+
+_RESYNC_PARSERS = {
+    "engine": lambda key, v: _bool(key, v),
+    "chunk_size": lambda key, v: _int(key, v, 10),
+    "persist_batch_size": lambda key, v: _int(key, v, 1),
+    "check_threads": lambda key, v: _int(key, v, 1),
+    "event_fetch_threshold": lambda key, v: _int(key, v, 0),
+    "event_fetch_concurrency": lambda key, v: _int(key, v, 1),
+    "parallel_servers": lambda key, v: _int(key, v, 1),
+    "park_limit": lambda key, v: _int(key, v, 0),
+    "catchup_batch_size": lambda key, v: _int(key, v, 1),
+    "request_timeout_seconds": lambda key, v: _int(key, v, 1),
+    "backoff_initial_seconds": lambda key, v: _int(key, v, 1),
+    "backoff_max_seconds": lambda key, v: _int(key, v, 1),
+    "log_interval_seconds": lambda key, v: _int(key, v, 1),
+}
+
+
+def _resync(key: str, raw: Any) -> ResyncConfig:
+    if raw is None:
+        return ResyncConfig()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"'{key}' must be a mapping, not {type(raw).__name__}", path=_RESYNC_PATH
+        )
+    unknown = sorted(str(k) for k in raw if k not in _RESYNC_PARSERS)
+    if unknown:
+        raise ConfigError(
+            f"unknown key 'resync.{unknown[0]}'; known keys are: "
+            f"{', '.join(sorted(_RESYNC_PARSERS))}",
+            path=_RESYNC_PATH + (unknown[0],),
+        )
+    values = {}
+    for k, v in raw.items():
+        try:
+            values[k] = _RESYNC_PARSERS[k](f"resync.{k}", v)
+        except ConfigError as e:
+            raise ConfigError(e.msg, path=_RESYNC_PATH + (k,)) from None
+    config = ResyncConfig(**values)
+    if config.backoff_max_seconds < config.backoff_initial_seconds:
+        raise ConfigError(
+            "'resync.backoff_max_seconds' must be at least 'resync.backoff_initial_seconds'",
+            path=_RESYNC_PATH + ("backoff_max_seconds",),
+        )
+    return config
+
+
 _PARSERS = {
+    "resync": _resync,
     "admin_api": lambda key, v: _bool(key, v),
     "history_retention_days": lambda key, v: _int(key, v, 0),
     "history_prune_interval_minutes": lambda key, v: _int(key, v, 1),

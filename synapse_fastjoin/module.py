@@ -12,12 +12,13 @@ from synapse.server import HomeServer
 from synapse_fastjoin import patching
 from synapse_fastjoin.admin import servlets as admin_servlets
 from synapse_fastjoin.config import FastJoinConfig, parse_config
+from synapse_fastjoin.resync.engine import ResyncEngine
 from synapse_fastjoin.storage.store import FastJoinStore
 
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 1
+HOOKS_API_VERSION = 2
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -44,6 +45,11 @@ class FastJoinModule:
             api.run_db_interaction, may_migrate=self._is_main_process
         )
 
+        # Synapse runs resyncs on the main process only; so does the engine.
+        self.engine: ResyncEngine | None = None
+        if config.resync.engine and self._is_main_process:
+            self.engine = ResyncEngine(api._hs, config.resync, self.store)
+
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
             on_resync_started=self._on_resync_started,
@@ -51,6 +57,7 @@ class FastJoinModule:
             register_admin_servlets=(
                 self._register_admin_servlets if config.admin_api else None
             ),
+            resync_room=self.engine.resync_room if self.engine else None,
         )
 
         if self._is_main_process:
@@ -126,7 +133,13 @@ class FastJoinModule:
         await self.store.record_resync_finished(room_id, complete, error, _now_ms())
 
     def _register_admin_servlets(self, hs: HomeServer, http_server: HttpServer) -> None:
-        admin_servlets.register_servlets(hs, http_server, self.store)
+        admin_servlets.register_servlets(hs, http_server, self.store, self._live_progress)
+
+    def _live_progress(self, room_id: str) -> dict[str, Any] | None:
+        if self.engine is None:
+            return None
+        progress = self.engine.progress.get(room_id)
+        return progress.as_json() if progress is not None else None
 
 
 def _check_series() -> None:

@@ -5,7 +5,7 @@ to it), so authentication and errors are Synapse's: 401 without a valid token,
 403 for a user who is not a server admin.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from synapse.api.errors import NotFoundError, SynapseError
 from synapse.http.server import HttpServer
@@ -20,7 +20,12 @@ if TYPE_CHECKING:
     from synapse_fastjoin.storage.store import FastJoinStore
 
 
-def _room_json(row: dict[str, Any]) -> JsonDict:
+LiveProgress = Callable[[str], "dict[str, Any] | None"]
+"""The engine's in-memory progress of a room being resynced right now."""
+
+
+def _room_json(row: dict[str, Any], live: LiveProgress) -> JsonDict:
+    running = live(row["room_id"])
     return {
         "room_id": row["room_id"],
         "join_event_id": row["join_event_id"],
@@ -34,6 +39,10 @@ def _room_json(row: dict[str, Any]) -> JsonDict:
             "first_started_ts": row["first_resync_ts"],
             "last_started_ts": row["last_resync_ts"],
             "last_error": row["last_error"],
+            # Whether the engine is working on it in this process right now;
+            # `progress` is live if so, else the last checkpoint (or null).
+            "running": running is not None,
+            "progress": running if running is not None else row["progress"],
         },
     }
 
@@ -53,10 +62,11 @@ def _history_json(row: dict[str, Any]) -> JsonDict:
 
 
 class _AdminServlet(RestServlet):
-    def __init__(self, hs: "HomeServer", store: "FastJoinStore"):
+    def __init__(self, hs: "HomeServer", store: "FastJoinStore", live: LiveProgress):
         super().__init__()
         self._auth = hs.get_auth()
         self._store = store
+        self._live = live
 
 
 class PartialStateRoomsServlet(_AdminServlet):
@@ -66,7 +76,7 @@ class PartialStateRoomsServlet(_AdminServlet):
 
     async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
         await assert_requester_is_admin(self._auth, request)
-        rooms = [_room_json(r) for r in await self._store.get_partial_state_rooms()]
+        rooms = [_room_json(r, self._live) for r in await self._store.get_partial_state_rooms()]
         return 200, {"rooms": rooms, "total": len(rooms)}
 
 
@@ -83,7 +93,7 @@ class PartialStateRoomServlet(_AdminServlet):
         rows = await self._store.get_partial_state_rooms(room_id)
         if not rows:
             raise NotFoundError(f"{room_id} is not a partial-state room")
-        return 200, _room_json(rows[0])
+        return 200, _room_json(rows[0], self._live)
 
 
 class ResyncHistoryServlet(_AdminServlet):
@@ -103,9 +113,12 @@ class ResyncHistoryServlet(_AdminServlet):
 
 
 def register_servlets(
-    hs: "HomeServer", http_server: HttpServer, store: "FastJoinStore"
+    hs: "HomeServer",
+    http_server: HttpServer,
+    store: "FastJoinStore",
+    live: LiveProgress = lambda room_id: None,
 ) -> None:
     """Add the module's admin servlets to Synapse's admin resource."""
-    PartialStateRoomsServlet(hs, store).register(http_server)
-    PartialStateRoomServlet(hs, store).register(http_server)
-    ResyncHistoryServlet(hs, store).register(http_server)
+    PartialStateRoomsServlet(hs, store, live).register(http_server)
+    PartialStateRoomServlet(hs, store, live).register(http_server)
+    ResyncHistoryServlet(hs, store, live).register(http_server)

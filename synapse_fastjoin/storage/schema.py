@@ -50,6 +50,11 @@ SCHEMA_STEPS: list[list[str]] = [
         "CREATE INDEX fastjoin_resync_history_room ON fastjoin_resync_history (room_id)",
         "CREATE INDEX fastjoin_resync_history_finished ON fastjoin_resync_history (finished_ts)",
     ],
+    # 2: the resync engine's checkpoint (its progress counters, as JSON).
+    [
+        "ALTER TABLE fastjoin_rooms ADD COLUMN progress TEXT",
+        "ALTER TABLE fastjoin_rooms ADD COLUMN progress_ts BIGINT",
+    ],
 ]
 
 SCHEMA_VERSION = len(SCHEMA_STEPS)

@@ -3,7 +3,9 @@ partial-state tables (`partial_state_rooms`, `partial_state_rooms_servers`,
 `partial_state_events`), through Synapse's database pool.
 """
 
+import json
 import logging
+import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet import defer
@@ -42,6 +44,7 @@ _ROOM_COLUMNS = (
     "last_resync_ts",
     "resync_attempts",
     "last_error",
+    "progress",
 )
 
 _HISTORY_COLUMNS = (
@@ -184,6 +187,35 @@ class FastJoinStore:
 
         await self._interaction("fastjoin_record_resync_finished", txn_fn)
 
+    # The resync engine's checkpoint.
+
+    async def save_checkpoint(self, room_id: str, progress: dict[str, Any]) -> None:
+        """Record a running resync's progress (phase, counters, last error)."""
+        now_ms = int(time.time() * 1000)
+        error = progress.get("last_error")
+        if isinstance(error, str):
+            error = error[:_MAX_ERROR_LENGTH]
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute(
+                "UPDATE fastjoin_rooms SET progress = ?, progress_ts = ?,"
+                " last_error = COALESCE(?, last_error), updated_ts = ?"
+                " WHERE room_id = ?",
+                (json.dumps(progress), now_ms, error, now_ms, room_id),
+            )
+
+        await self._interaction("fastjoin_save_checkpoint", txn_fn)
+
+    async def get_checkpoint(self, room_id: str) -> dict[str, Any] | None:
+        """The last progress saved for `room_id`, if any."""
+
+        def txn_fn(txn: LoggingTransaction) -> Any:
+            txn.execute("SELECT progress FROM fastjoin_rooms WHERE room_id = ?", (room_id,))
+            row = txn.fetchone()
+            return row[0] if row else None
+
+        return _load_json(await self._interaction("fastjoin_get_checkpoint", txn_fn))
+
     # Reads, for the admin API.
 
     async def get_partial_state_rooms(
@@ -201,7 +233,7 @@ class FastJoinStore:
                 " (SELECT COUNT(*) FROM partial_state_events e"
                 "   WHERE e.room_id = p.room_id),"
                 " COALESCE(f.resync_status, ?), f.first_resync_ts, f.last_resync_ts,"
-                " COALESCE(f.resync_attempts, 0), f.last_error"
+                " COALESCE(f.resync_attempts, 0), f.last_error, f.progress"
                 " FROM partial_state_rooms p"
                 " LEFT JOIN fastjoin_rooms f ON f.room_id = p.room_id"
             )
@@ -210,7 +242,10 @@ class FastJoinStore:
                 sql += " WHERE p.room_id = ?"
                 args.append(room_id)
             txn.execute(sql + " ORDER BY p.room_id", args)
-            return [dict(zip(_ROOM_COLUMNS, row)) for row in txn.fetchall()]
+            rows = [dict(zip(_ROOM_COLUMNS, row)) for row in txn.fetchall()]
+            for row in rows:
+                row["progress"] = _load_json(row["progress"])
+            return rows
 
         return await self._interaction("fastjoin_get_partial_state_rooms", txn_fn)
 
@@ -255,3 +290,12 @@ class FastJoinStore:
             return txn.rowcount
 
         return await self._interaction("fastjoin_forget_rooms_not_partial", txn_fn)
+
+
+def _load_json(raw: Any) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

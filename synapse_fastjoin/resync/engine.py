@@ -1,0 +1,378 @@
+"""The resync engine: takes over Synapse's background resync of partial-state rooms.
+
+Patch 0004 routes every start and every resume (after a restart) of a
+partial-state resync here instead of `FederationHandler._sync_partial_state_room`.
+For each room the engine:
+
+1. walks the room's partial-state events in topological order;
+2. for an event whose prev events we lack (the join event, and any event that
+   arrived with a gap before it) fetches the full state after each missing prev
+   event with `StateFetcher` (streamed, checked off the reactor, batched), and
+   recomputes the event's state and auth from it;
+3. for an event whose prev events are all stored (the events that arrived while
+   the room was partial), recomputes its state from theirs with Synapse's own
+   state handler and re-runs the auth checks, so an event the full state
+   rejects ends up rejected and one it accepts ends up accepted;
+4. finishes exactly as Synapse does: current state updated, pending device-list
+   updates replayed, the partial-state flag cleared, waiters, `/sync` and
+   workers notified.
+
+It never gives up: a failure is retried with exponential backoff, rotating
+through every server known to be in the room (refreshed from the room's state on
+every cycle), and the admin API shows the room as waiting, with the last error
+and the time of the next attempt. It stops only when the room is no longer
+partial (done, or purged) or when no local user is in the room any more.
+"""
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any, Collection
+
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
+
+from synapse.events import EventBase
+from synapse.logging.context import nested_logging_context
+from synapse.state import StateResolutionStore
+from synapse.storage.databases.main.events_worker import EventRedactBehaviour
+from synapse.util.duration import Duration
+
+from synapse_fastjoin.resync.fetch import NoServerAnswered, StateFetcher
+from synapse_fastjoin.resync.progress import (
+    PHASE_CATCHUP,
+    PHASE_DONE,
+    PHASE_FINISHING,
+    PHASE_RESOLVING,
+    PHASE_STARTING,
+    PHASE_WAITING,
+    ResyncProgress,
+)
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+    from synapse_fastjoin.config import ResyncConfig
+    from synapse_fastjoin.storage.store import FastJoinStore
+
+logger = logging.getLogger(__name__)
+
+
+class RoomLeft(Exception):
+    """No local user is in the room any more: there is nothing to resync for."""
+
+
+class ResyncEngine:
+    """One per homeserver (main process); runs one `_RoomResync` per room."""
+
+    def __init__(self, hs: "HomeServer", config: "ResyncConfig", store: "FastJoinStore") -> None:
+        self._hs = hs
+        self._config = config
+        self._store = store
+        self.progress: dict[str, ResyncProgress] = {}
+        reactor = hs.get_reactor()
+        self._threadpool = ThreadPool(
+            minthreads=1, maxthreads=config.check_threads, name="fastjoin-checks"
+        )
+        self._threadpool.start()
+        reactor.addSystemEventTrigger("during", "shutdown", self._threadpool.stop)
+
+    async def resync_room(
+        self,
+        room_id: str,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+    ) -> None:
+        """Called by the patched Synapse in place of its own resync loop."""
+        progress = ResyncProgress(room_id)
+        self.progress[room_id] = progress
+        checkpoint = await self._store.get_checkpoint(room_id)
+        if checkpoint:
+            logger.info(
+                "Resync of %s resumes (last checkpoint: phase %s, %s events persisted)",
+                room_id,
+                checkpoint.get("phase"),
+                checkpoint.get("persisted"),
+            )
+            progress.retries = int(checkpoint.get("retries") or 0)
+        run = _RoomResync(self._hs, self._config, self._store, self._threadpool, room_id, progress)
+        run.add_destinations(initial_destination, other_destinations)
+        logger_call = self._hs.get_clock().looping_call(
+            self._hs.run_as_background_process,
+            Duration(seconds=self._config.log_interval_seconds),
+            "fastjoin_resync_progress",
+            run.log_and_checkpoint,
+        )
+        try:
+            await run.run()
+        finally:
+            logger_call.stop()
+            await run.log_and_checkpoint()
+            self.progress.pop(room_id, None)
+
+
+class _RoomResync:
+    def __init__(
+        self,
+        hs: "HomeServer",
+        config: "ResyncConfig",
+        store: "FastJoinStore",
+        threadpool: ThreadPool,
+        room_id: str,
+        progress: ResyncProgress,
+    ) -> None:
+        self._hs = hs
+        self._config = config
+        self._fastjoin_store = store
+        self._threadpool = threadpool
+        self._room_id = room_id
+        self._progress = progress
+        self._main = hs.get_datastores().main
+        self._storage = hs.get_storage_controllers()
+        self._clock = hs.get_clock()
+        self._federation_handler = hs.get_federation_handler()
+        self._federation_event_handler = hs.get_federation_event_handler()
+        self._state_handler = hs.get_state_handler()
+        self._notifier = hs.get_notifier()
+        self._destinations: list[str] = []
+        self._failures_in_cycle = 0
+        self._backoff_level = 0
+
+    # Destinations.
+
+    def add_destinations(self, first: str | None, others: Collection[str]) -> None:
+        mine = self._hs.hostname
+        ordered = ([first] if first else []) + sorted(others)
+        for dest in ordered:
+            if dest and dest != mine and dest not in self._destinations:
+                self._destinations.append(dest)
+        self._progress.servers_known = len(self._destinations)
+
+    def destinations(self) -> list[str]:
+        """The servers to try, the one that last worked first."""
+        return list(self._destinations)
+
+    def _rotate(self) -> None:
+        if len(self._destinations) > 1:
+            self._destinations.append(self._destinations.pop(0))
+
+    async def _refresh_destinations(self) -> None:
+        """Add the servers the room's (partial) state shows as joined."""
+        try:
+            hosts = await self._main.get_current_hosts_in_room_ordered(self._room_id)
+        except Exception as e:
+            logger.warning("Resync of %s: could not list hosts in room: %s", self._room_id, e)
+            return
+        before = len(self._destinations)
+        self.add_destinations(None, [h for h in hosts])
+        if len(self._destinations) > before:
+            logger.info(
+                "Resync of %s: %d more servers from the room state, %d known",
+                self._room_id,
+                len(self._destinations) - before,
+                len(self._destinations),
+            )
+
+    # The loop.
+
+    async def run(self) -> None:
+        logger.info(
+            "Resync of %s starts (synapse-fastjoin engine), %d servers to ask: %s",
+            self._room_id,
+            len(self._destinations),
+            self._destinations[:5],
+        )
+        while True:
+            if not await self._main.is_partial_state_room(self._room_id):
+                logger.info("Resync of %s: the room is not partial-state any more", self._room_id)
+                self._progress.set_phase(PHASE_DONE)
+                return
+            try:
+                if await self._one_pass():
+                    self._progress.set_phase(PHASE_DONE)
+                    return
+                self._backoff_level = 0
+            except RoomLeft:
+                logger.info(
+                    "Resync of %s stops: no local user is in the room any more", self._room_id
+                )
+                return
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                await self._after_failure(e)
+
+    async def _after_failure(self, error: Exception) -> None:
+        self._progress.retries += 1
+        self._progress.last_error = f"{type(error).__name__}: {error}"
+        if isinstance(error, NoServerAnswered):
+            logger.warning("Resync of %s: %s", self._room_id, error)
+        else:
+            logger.warning("Resync of %s failed", self._room_id, exc_info=error)
+        self._rotate()
+        await self._refresh_destinations()
+        delay = min(
+            self._config.backoff_max_seconds,
+            self._config.backoff_initial_seconds * (2 ** self._backoff_level),
+        )
+        delay *= random.uniform(0.8, 1.2)
+        self._backoff_level = min(self._backoff_level + 1, 30)
+        self._progress.next_retry_ts = int((time.time() + delay) * 1000)
+        self._progress.set_phase(PHASE_WAITING)
+        logger.info("Resync of %s: next attempt in %.0f s", self._room_id, delay)
+        await self._checkpoint()
+        await self._clock.sleep(Duration(seconds=delay))
+        self._progress.next_retry_ts = None
+
+    async def _one_pass(self) -> bool:
+        """Bring every partial-state event up to full state, then finish.
+        Returns True once the room is done; False to go round again."""
+        if not await self._main.is_host_joined(self._room_id, self._hs.hostname):
+            raise RoomLeft()
+        self._progress.set_phase(PHASE_STARTING)
+        while True:
+            batch = await self._partial_state_events_in_order()
+            self._progress.catchup_remaining = len(batch)
+            if not batch:
+                break
+            progressed = False
+            for event in batch:
+                if not await self._main.is_partial_state_room(self._room_id):
+                    return True
+                done = await self._un_partial_event(event)
+                if done:
+                    progressed = True
+                    if self._progress.catchup_remaining:
+                        self._progress.catchup_remaining -= 1
+            if not progressed:
+                # Every remaining event waits on a partial prev event that is
+                # not in our list yet (it is being persisted right now).
+                await self._clock.sleep(Duration(seconds=1))
+        return await self._finish()
+
+    async def _partial_state_events_in_order(self) -> list[EventBase]:
+        """The room's partial-state events, parents before children (by depth,
+        then stream order), a page at a time."""
+
+        def txn(txn: Any) -> list[str]:
+            txn.execute(
+                """
+                SELECT p.event_id FROM partial_state_events AS p
+                INNER JOIN events AS e USING (event_id)
+                WHERE p.room_id = ?
+                ORDER BY e.topological_ordering, e.stream_ordering
+                LIMIT ?
+                """,
+                (self._room_id, self._config.catchup_batch_size),
+            )
+            return [row[0] for row in txn]
+
+        ids = await self._main.db_pool.runInteraction("fastjoin_partial_state_events", txn)
+        return await self._main.get_events_as_list(
+            ids, redact_behaviour=EventRedactBehaviour.as_is, allow_rejected=True
+        )
+
+    async def _un_partial_event(self, event: EventBase) -> bool:
+        """Recompute the state at one partial-state event from full state and
+        re-check its auth. Returns False if it must wait for a parent."""
+        prevs = set(event.prev_event_ids())
+        seen = await self._main.have_events_in_timeline(prevs)
+        missing = prevs - seen
+        if seen:
+            partial_prevs = await self._main.get_partial_state_events(seen)
+            if any(partial_prevs.values()):
+                return False
+        with nested_logging_context(suffix=event.event_id):
+            if missing:
+                self._progress.set_phase(PHASE_RESOLVING)
+                context = await self._context_from_fetched_state(event, missing, seen)
+            else:
+                self._progress.set_phase(PHASE_CATCHUP)
+                context = await self._state_handler.compute_event_context(event)
+            if context.partial_state:
+                return False
+            # Re-check auth against the full state: an event accepted or
+            # rejected against the partial state may have been wrongly so.
+            await self._federation_event_handler._check_event_auth(None, event, context)
+            await self._main.update_state_for_partial_state_event(event, context)
+            self._storage.state.notify_event_un_partial_stated(event.event_id)
+            self._notifier.notify_replication()
+        if not missing:
+            self._progress.catchup_done += 1
+        return True
+
+    async def _context_from_fetched_state(
+        self, event: EventBase, missing_prevs: set[str], seen_prevs: Collection[str]
+    ) -> Any:
+        room_version = await self._main.get_room_version(self._room_id)
+        fetcher = StateFetcher(
+            self._hs,
+            self._config,
+            self._room_id,
+            room_version,
+            self.destinations,
+            self._progress,
+            self._threadpool,
+        )
+        state_maps = []
+        for prev in sorted(missing_prevs):
+            state_maps.append(await fetcher.fetch_state_after(prev))
+        self._progress.set_phase(PHASE_RESOLVING)
+        if seen_prevs:
+            ours = await self._storage.state.get_state_groups_ids(
+                self._room_id, seen_prevs, await_full_state=False
+            )
+            state_maps.extend(ours.values())
+        if len(state_maps) == 1:
+            state_map = state_maps[0]
+        else:
+            state_map = await self._hs.get_state_resolution_handler().resolve_events_with_store(
+                self._room_id,
+                room_version.identifier,
+                state_maps,
+                event_map={event.event_id: event},
+                state_res_store=StateResolutionStore(
+                    self._main, self._hs.get_datastores().state_deletion
+                ),
+            )
+        del state_maps
+        logger.info(
+            "Resync of %s: full state at %s has %d entries",
+            self._room_id,
+            event.event_id,
+            len(state_map),
+        )
+        return await self._state_handler.compute_event_context(
+            event, state_ids_before_event=state_map, partial_state=False
+        )
+
+    async def _finish(self) -> bool:
+        """What Synapse does once every event has full state. Returns False if
+        a new partial-state event raced in (go round again)."""
+        room_id = self._room_id
+        self._progress.set_phase(PHASE_FINISHING)
+        logger.info("Resync of %s: updating current state", room_id)
+        await self._state_handler.update_current_state(room_id)
+        logger.info("Resync of %s: replaying pending device list updates", room_id)
+        await self._hs.get_device_handler().handle_room_un_partial_stated(room_id)
+        async with self._federation_handler._is_partial_state_room_linearizer.queue(room_id):
+            new_stream_id = await self._main.clear_partial_state_room(room_id)
+        if new_stream_id is None:
+            logger.info("Resync of %s: more partial-state events arrived; going on", room_id)
+            return False
+        self._storage.state.notify_room_un_partial_stated(room_id)
+        await self._notifier.on_un_partial_stated_room(room_id, new_stream_id)
+        logger.info("Resync of %s complete: %s", room_id, self._progress.summary())
+        return True
+
+    # Progress.
+
+    async def log_and_checkpoint(self) -> None:
+        logger.info("Resync of %s: %s", self._room_id, self._progress.summary())
+        await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        try:
+            await self._fastjoin_store.save_checkpoint(self._room_id, self._progress.as_json())
+        except Exception:
+            logger.warning("Resync of %s: could not save the checkpoint", self._room_id, exc_info=True)

@@ -1,0 +1,591 @@
+"""Fetching, checking and persisting the state at a point of a room's DAG.
+
+`StateFetcher.fetch_state_after(prev_event_id)` does what Synapse's
+`_get_state_ids_after_missing_prev_event` does (ask `/state_ids`, get the events
+we lack, build the state map) without its limits:
+
+- The events are read from a streamed `/state` response in chunks (see
+  `stream.StateBodyReader`), or, when only a few are missing, from `/event`
+  spread over several servers at once. No whole response is ever held.
+- Only events promised by `/state_ids` are accepted (`checks.check_chunk`).
+- Signature, hash and event-id checks run in worker threads; the keys they
+  need are fetched through Synapse's keyring first.
+- Events are auth-checked against their auth events in topological order
+  (as Synapse does for outliers) and persisted in batches through Synapse's
+  own event persistence, as outliers. An event whose auth events have not
+  arrived yet waits (up to `park_limit` of them; past that it is dropped and
+  fetched again in a later round, so memory stays bounded however the
+  server orders its response).
+- A round that fails (a cut connection, a hostile body, an error) loses
+  nothing: what was persisted stays, and the next round, from the next
+  server, only processes what is still missing.
+"""
+
+import collections
+import logging
+import random
+from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterable, TypeVar
+
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
+
+from synapse.api.errors import AuthError, EventSizeError
+from synapse.api.room_versions import RoomVersion
+from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS, _FetchKeyRequest
+from synapse.event_auth import (
+    check_state_dependent_auth_rules,
+    check_state_independent_auth_rules,
+    validate_event_for_room_version,
+)
+from synapse.events import EventBase
+from synapse.events.snapshot import EventContext
+from synapse.http.matrixfederationclient import MatrixFederationRequest
+from synapse.logging.context import (
+    PreserveLoggingContext,
+    current_context,
+    defer_to_threadpool,
+    make_deferred_yieldable,
+    run_in_background,
+)
+from synapse.storage.databases.main.events_worker import EventRedactBehaviour
+from synapse.types import StateMap
+from synapse.api.constants import RejectedReason
+from synapse.util.async_helpers import Linearizer
+from synapse.util.duration import Duration
+from synapse.util.iterutils import batch_iter, sorted_topologically
+from signedjson.key import encode_verify_key_base64
+
+from synapse_fastjoin.resync.checks import KeyInfo, check_chunk, wanted_key_ids
+from synapse_fastjoin.resync.progress import (
+    PHASE_EVENTS,
+    PHASE_STATE,
+    PHASE_STATE_IDS,
+    ResyncProgress,
+)
+from synapse_fastjoin.resync.stream import StateBodyReader, StreamAborted
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+    from synapse_fastjoin.config import ResyncConfig
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class NoServerAnswered(Exception):
+    """Every server we tried failed; the caller backs off and tries again."""
+
+
+class StateFetcher:
+    """Fetches the state of one room; one instance per resync run."""
+
+    def __init__(
+        self,
+        hs: "HomeServer",
+        config: "ResyncConfig",
+        room_id: str,
+        room_version: RoomVersion,
+        destinations: Callable[[], list[str]],
+        progress: ResyncProgress,
+        threadpool: ThreadPool,
+    ) -> None:
+        self._hs = hs
+        self._config = config
+        self._room_id = room_id
+        self._room_version = room_version
+        self._destinations = destinations
+        self._progress = progress
+        self._threadpool = threadpool
+        self._store = hs.get_datastores().main
+        self._clock = hs.get_clock()
+        self._reactor = hs.get_reactor()
+        self._federation_client = hs.get_federation_client()
+        self._transport = hs.get_federation_transport_client()
+        self._http = hs.get_federation_http_client()
+        self._keyring = hs.get_keyring()
+        self._federation_event_handler = hs.get_federation_event_handler()
+        self._keys: dict[tuple[str, str], KeyInfo] = {}
+        self._keys_tried: set[tuple[str, str]] = set()
+        self._persist_lock = Linearizer(name="fastjoin_persist", clock=self._clock)
+        # Per fetch_state_after call:
+        self._missing: set[str] = set()
+        self._promised: AbstractSet[str] = frozenset()
+        self._parked: dict[str, EventBase] = {}
+        self._local_ids: set[str] = set()
+        self._absent_ids: set[str] = set()
+        self._auth_cache: collections.OrderedDict[str, EventBase] = collections.OrderedDict()
+        self._rejected_ids: set[str] = set()
+
+    # The state after one event.
+
+    async def fetch_state_after(self, event_id: str) -> StateMap[str]:
+        """The full state after `event_id` (an event we lack as a timeline
+        event), with every state and auth event stored locally.
+
+        Raises:
+            NoServerAnswered: no server could give us what we need this time.
+        """
+        self._progress.set_phase(PHASE_STATE_IDS)
+        state_ids, auth_ids = await self._with_failover(
+            "state_ids",
+            lambda dest: self._federation_client.get_room_state_ids(
+                dest, self._room_id, event_id=event_id
+            ),
+        )
+        promised = set(state_ids)
+        promised.update(auth_ids)
+        promised.add(event_id)
+        self._promised = promised
+        stored = await self._stored_event_ids(promised)
+        self._missing = promised - stored
+        self._local_ids = set(stored)
+        self._absent_ids = set()
+        self._parked = {}
+        self._progress.expected = len(self._missing)
+        self._progress.already_stored = len(stored)
+        del stored
+        logger.info(
+            "Resync of %s: /state_ids at %s lists %d state and %d auth events; "
+            "%d of them are already stored, %d to fetch",
+            self._room_id,
+            event_id,
+            len(state_ids),
+            len(auth_ids),
+            self._progress.already_stored,
+            len(self._missing),
+        )
+
+        unavailable = await self._fetch_missing(event_id)
+        self._progress.unavailable = len(unavailable)
+
+        # Build the state map from what is stored, as Synapse does: skip events
+        # of other rooms and non-state events, with a warning.
+        state_map: dict[tuple[str, str], str] = {}
+        for batch in batch_iter(state_ids, 5000):
+            metadata = await self._store.get_metadata_for_events(batch)
+            for state_event_id, meta in metadata.items():
+                if meta.room_id != self._room_id or meta.state_key is None:
+                    logger.warning(
+                        "Resync of %s: %s listed in the state is not a state event of this room",
+                        self._room_id,
+                        state_event_id,
+                    )
+                    continue
+                state_map[(meta.event_type, meta.state_key)] = state_event_id
+        prev = await self._store.get_event(
+            event_id,
+            allow_none=True,
+            allow_rejected=True,
+            redact_behaviour=EventRedactBehaviour.as_is,
+        )
+        if prev is None:
+            raise NoServerAnswered(f"could not get the event {event_id} itself")
+        if prev.is_state() and prev.rejected_reason is None:
+            state_map[(prev.type, prev.state_key)] = prev.event_id
+        self._missing = set()
+        self._promised = frozenset()
+        self._parked = {}
+        self._local_ids = set()
+        self._auth_cache.clear()
+        return state_map
+
+    async def _fetch_missing(self, at_event_id: str) -> set[str]:
+        """Fetch rounds until nothing is missing. Returns the events no server
+        would give us although at least one answered the round completely."""
+        rounds_without_progress = 0
+        while self._missing:
+            before = len(self._missing)
+            complete_round = False
+            if len(self._missing) > self._config.event_fetch_threshold:
+                self._progress.set_phase(PHASE_STATE)
+                complete_round = await self._with_failover(
+                    "state", lambda dest: self._stream_state(dest, at_event_id)
+                )
+            else:
+                self._progress.set_phase(PHASE_EVENTS)
+                complete_round = await self._fetch_events_individually()
+            await self._drain_parked(final=True)
+            progress = before - len(self._missing)
+            logger.info(
+                "Resync of %s: round done, %d events stored, %d still missing",
+                self._room_id,
+                progress,
+                len(self._missing),
+            )
+            if progress > 0:
+                rounds_without_progress = 0
+                continue
+            rounds_without_progress += 1
+            if complete_round and rounds_without_progress >= 2:
+                # Servers answered but none has these events (or they depend on
+                # events none has): do what Synapse does, leave them out.
+                unavailable = set(self._missing)
+                logger.warning(
+                    "Resync of %s: %d promised events could not be fetched from any "
+                    "server; leaving them out of the state: %s",
+                    self._room_id,
+                    len(unavailable),
+                    sorted(unavailable)[:20],
+                )
+                self._missing = set()
+                return unavailable
+            if not complete_round:
+                raise NoServerAnswered("no server served the missing events")
+        return set()
+
+    # /state, streamed.
+
+    async def _stream_state(self, destination: str, at_event_id: str) -> bool:
+        request = MatrixFederationRequest(
+            method="GET",
+            destination=destination,
+            path=f"/_matrix/federation/v1/state/{_quote(self._room_id)}",
+            query={"event_id": at_event_id},
+        )
+        response = await self._http._send_request(
+            request, timeout=self._config.request_timeout_seconds * 1000, ignore_backoff=True
+        )
+        logcontext = current_context()
+
+        def on_chunk(chunk: list[dict[str, Any]]) -> "defer.Deferred[None]":
+            with PreserveLoggingContext(logcontext):
+                return run_in_background(self._take_chunk, chunk, reader)
+
+        promised_count = len(self._promised)
+        reader = StateBodyReader(
+            on_chunk,
+            self._reactor,
+            chunk_size=self._config.chunk_size,
+            max_items=promised_count + max(1000, promised_count // 10),
+            idle_timeout=self._config.request_timeout_seconds,
+        )
+        response.deliverBody(reader)
+        try:
+            await make_deferred_yieldable(reader.done)
+        finally:
+            self._progress.bytes_received += reader.bytes
+        # Let the chunks still being persisted finish.
+        async with self._persist_lock.queue(self._room_id):
+            pass
+        return True
+
+    async def _take_chunk(self, chunk: list[dict[str, Any]], reader: StateBodyReader | None) -> None:
+        self._progress.fetched += len(chunk)
+        result = await self._check(chunk)
+        if reader is not None and self._progress.unwanted > max(
+            1000, len(self._promised) // 10
+        ):
+            reader.reject(f"{self._progress.unwanted} events that /state_ids did not list")
+        async with self._persist_lock.queue(self._room_id):
+            await self._auth_and_persist(result)
+
+    async def _check(self, chunk: list[dict[str, Any]]) -> Any:
+        await self._ensure_keys(chunk)
+        result = await defer_to_threadpool(
+            self._reactor,
+            self._threadpool,
+            check_chunk,
+            chunk,
+            self._room_version,
+            self._room_id,
+            self._missing,
+            dict(self._keys),
+        )
+        self._progress.checked += len(result.accepted)
+        self._progress.redacted += result.redacted
+        self._progress.unwanted += result.unwanted + result.malformed
+        self._progress.bad_signatures += len(result.bad_signature)
+        for event_id, reason in result.bad_signature[:5]:
+            logger.warning("Resync of %s: dropping %s: %s", self._room_id, event_id, reason)
+        return result
+
+    async def _ensure_keys(self, chunk: list[dict[str, Any]]) -> None:
+        """Fetch, through Synapse's keyring, the keys the chunk is signed with
+        that we do not have yet (each is asked for once per run)."""
+        needed: dict[str, set[str]] = {}
+        min_ts: dict[str, int] = {}
+        for pdu in chunk:
+            for server, key_id in wanted_key_ids(pdu, self._room_version):
+                if (server, key_id) in self._keys or (server, key_id) in self._keys_tried:
+                    continue
+                needed.setdefault(server, set()).add(key_id)
+                ts = pdu.get("origin_server_ts") if self._room_version.enforce_key_validity else 0
+                if isinstance(ts, int):
+                    min_ts[server] = max(min_ts.get(server, 0), ts)
+        if not needed:
+            return
+
+        async def fetch(server: str) -> None:
+            key_ids = needed[server]
+            self._keys_tried.update((server, k) for k in key_ids)
+            if self._hs.is_mine_server_name(server):
+                found = {k: v for k, v in self._keyring._local_verify_keys.items() if k in key_ids}
+            else:
+                request = _FetchKeyRequest(
+                    server_name=server,
+                    minimum_valid_until_ts=min_ts.get(server, 0),
+                    key_ids=sorted(key_ids),
+                )
+                try:
+                    by_server = await self._keyring._fetch_keys_queue.add_to_queue(
+                        request, key=server
+                    )
+                except Exception as e:
+                    logger.warning("Resync of %s: fetching keys of %s failed: %s", self._room_id, server, e)
+                    return
+                found = by_server.get(server, {})
+            for key_id, result in found.items():
+                if encode_verify_key_base64(result.verify_key) in BANNED_SERVER_SIGNING_KEYS:
+                    continue
+                self._keys[(server, key_id)] = KeyInfo(result.verify_key, result.valid_until_ts)
+
+        await make_deferred_yieldable(
+            defer.gatherResults(
+                [run_in_background(fetch, server) for server in needed], consumeErrors=True
+            )
+        )
+
+    # /event, spread over several servers.
+
+    async def _fetch_events_individually(self) -> bool:
+        """Fetch each missing event with /event, from several servers at once.
+        Returns whether every event was answered by some server (found or not)."""
+        destinations = self._destinations()
+        if not destinations:
+            raise NoServerAnswered("no server to ask")
+        wanted = sorted(self._missing)
+        pdus: list[dict[str, Any]] = []
+        answered = 0
+        concurrency = self._config.event_fetch_concurrency
+        servers = destinations[: self._config.parallel_servers]
+
+        async def get_one(index: int, event_id: str) -> None:
+            nonlocal answered
+            order = servers[index % len(servers):] + servers[: index % len(servers)]
+            for dest in order:
+                self._progress.destination = dest
+                try:
+                    doc = await self._transport.get_event(
+                        dest, event_id, timeout=self._config.request_timeout_seconds * 1000
+                    )
+                except Exception as e:
+                    logger.info("Resync of %s: /event %s from %s failed: %s", self._room_id, event_id, dest, e)
+                    continue
+                answered += 1
+                found = doc.get("pdus") if isinstance(doc, dict) else None
+                if isinstance(found, list):
+                    pdus.extend(p for p in found[:1] if isinstance(p, dict))
+                return
+
+        for batch in batch_iter(list(enumerate(wanted)), concurrency):
+            await make_deferred_yieldable(
+                defer.gatherResults(
+                    [run_in_background(get_one, i, e) for i, e in batch], consumeErrors=True
+                )
+            )
+            if len(pdus) >= self._config.chunk_size:
+                chunk, pdus = pdus, []
+                await self._take_chunk(chunk, None)
+        if pdus:
+            await self._take_chunk(pdus, None)
+        return answered == len(wanted)
+
+    # Auth and persistence.
+
+    async def _auth_and_persist(self, result: Any) -> None:
+        for event in result.accepted:
+            if event.event_id in self._missing:
+                self._parked[event.event_id] = event
+        await self._drain_parked(final=False)
+
+    async def _drain_parked(self, final: bool) -> None:
+        """Auth-check and persist every parked event whose auth events are all
+        stored or parked and ready; keep the rest parked (up to park_limit)."""
+        if not self._parked:
+            return
+        candidates = self._parked
+        unknown = {
+            a
+            for ev in candidates.values()
+            for a in ev.auth_event_ids()
+            if a not in candidates and not self._is_stored(a) and a not in self._absent_ids
+        }
+        # Auth events outside what /state_ids promised (e.g. from the join) may
+        # be stored already.
+        unknown_unpromised = {a for a in unknown if a not in self._promised}
+        if unknown_unpromised:
+            found = await self._stored_event_ids(unknown_unpromised)
+            self._local_ids.update(found)
+            self._absent_ids.update(unknown_unpromised - found)
+
+        graph = {
+            ev.event_id: [a for a in ev.auth_event_ids() if a in candidates]
+            for ev in candidates.values()
+        }
+        ready: list[EventBase] = []
+        ready_ids: set[str] = set()
+        waiting: dict[str, EventBase] = {}
+        for event_id in sorted_topologically(candidates.keys(), graph):
+            ev = candidates[event_id]
+            if all(a in ready_ids or self._is_stored(a) for a in ev.auth_event_ids()):
+                ready.append(ev)
+                ready_ids.add(event_id)
+            else:
+                waiting[event_id] = ev
+        if len(waiting) > self._config.park_limit:
+            # Drop the excess: those events stay missing and are fetched again
+            # in a later round, when their auth events are stored.
+            for event_id in list(waiting)[self._config.park_limit :]:
+                del waiting[event_id]
+        self._parked = waiting
+        if final and waiting:
+            logger.info(
+                "Resync of %s: %d events wait for auth events not received yet",
+                self._room_id,
+                len(waiting),
+            )
+            self._parked = {}
+        for batch in batch_iter(ready, self._config.persist_batch_size):
+            await self._persist_batch(list(batch))
+
+    def _is_stored(self, event_id: str) -> bool:
+        if event_id in self._local_ids:
+            return True
+        return event_id in self._promised and event_id not in self._missing
+
+    async def _persist_batch(self, batch: list[EventBase]) -> None:
+        batch_ids = {ev.event_id for ev in batch}
+        auth_map: dict[str, EventBase] = {ev.event_id: ev for ev in batch}
+        to_load = {
+            a for ev in batch for a in ev.auth_event_ids() if a not in auth_map and a not in self._auth_cache
+        }
+        if to_load:
+            loaded = await self._store.get_events(
+                to_load, allow_rejected=True, redact_behaviour=EventRedactBehaviour.as_is
+            )
+            for event_id, ev in loaded.items():
+                self._auth_cache[event_id] = ev
+            while len(self._auth_cache) > 20000:
+                self._auth_cache.popitem(last=False)
+        for ev in batch:
+            for a in ev.auth_event_ids():
+                if a not in auth_map and a in self._auth_cache:
+                    auth_map[a] = self._auth_cache[a]
+
+        to_persist: list[tuple[EventBase, EventContext]] = []
+        storage = self._hs.get_storage_controllers()
+        for i, event in enumerate(batch):
+            auth = [auth_map.get(a) for a in event.auth_event_ids()]
+            if any(a is None for a in auth):
+                logger.warning(
+                    "Resync of %s: dropping %s, an auth event of it could not be found",
+                    self._room_id,
+                    event.event_id,
+                )
+                auth_map.pop(event.event_id, None)
+                continue
+            event.internal_metadata.outlier = True
+            context = EventContext.for_outlier(storage)
+            try:
+                validate_event_for_room_version(event)
+                await check_state_independent_auth_rules(
+                    self._store, event, batched_auth_events=auth_map
+                )
+                check_state_dependent_auth_rules(event, auth)  # type: ignore[arg-type]
+            except AuthError as e:
+                logger.info("Resync of %s: rejecting %s: %s", self._room_id, event.event_id, e)
+                context.rejected = RejectedReason.AUTH_ERROR
+            except EventSizeError as e:
+                if e.unpersistable:
+                    logger.warning("Resync of %s: dropping unpersistable %s: %s", self._room_id, event.event_id, e)
+                    continue
+                context.rejected = RejectedReason.OVERSIZED_EVENT
+            if not context.rejected and any(a in self._rejected_ids for a in event.auth_event_ids()):
+                # Events from the DB carry their rejection; those of this run
+                # are tracked here (event objects are immutable).
+                logger.info("Resync of %s: rejecting %s: an auth event is rejected", self._room_id, event.event_id)
+                context.rejected = RejectedReason.AUTH_ERROR
+            if context.rejected:
+                self._progress.rejected += 1
+                self._rejected_ids.add(event.event_id)
+            to_persist.append((event, context))
+            if (i + 1) % 200 == 0:
+                await self._clock.sleep(Duration(seconds=0))
+        if to_persist:
+            await self._federation_event_handler.persist_events_and_notify(
+                self._room_id, to_persist, backfilled=True
+            )
+        for event, _ in to_persist:
+            self._missing.discard(event.event_id)
+            self._auth_cache[event.event_id] = event
+        while len(self._auth_cache) > 20000:
+            self._auth_cache.popitem(last=False)
+        self._progress.persisted += len(to_persist)
+        del batch_ids
+
+    # Helpers.
+
+    async def _stored_event_ids(self, event_ids: Iterable[str]) -> set[str]:
+        """Which of `event_ids` are in the events table (one query per 1000)."""
+        found: set[str] = set()
+        ids = list(event_ids)
+
+        def txn(txn: Any, batch: list[str]) -> list[str]:
+            placeholders = ",".join("?" for _ in batch)
+            txn.execute(f"SELECT event_id FROM events WHERE event_id IN ({placeholders})", batch)
+            return [row[0] for row in txn]
+
+        def many(txn_: Any, batches: list[list[str]]) -> list[str]:
+            out: list[str] = []
+            for b in batches:
+                out.extend(txn(txn_, b))
+            return out
+
+        for group in batch_iter(list(batch_iter(ids, 1000)), 20):
+            found.update(
+                await self._store.db_pool.runInteraction(
+                    "fastjoin_stored_event_ids", many, [list(b) for b in group]
+                )
+            )
+        return found
+
+    async def _with_failover(self, what: str, call: Callable[[str], Awaitable[T]]) -> T:
+        """Try `call` against each destination in turn; raise NoServerAnswered
+        (with the last error) if all fail."""
+        destinations = self._destinations()
+        if not destinations:
+            raise NoServerAnswered("no other server is known to be in the room")
+        last_error: Exception | None = None
+        for dest in destinations:
+            self._progress.destination = dest
+            try:
+                return await call(dest)
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                last_error = e
+                self._progress.retries += 1
+                self._progress.last_error = f"{what} from {dest}: {type(e).__name__}: {e}"
+                logger.warning(
+                    "Resync of %s: %s from %s failed: %s: %s",
+                    self._room_id,
+                    what,
+                    dest,
+                    type(e).__name__,
+                    e,
+                )
+        raise NoServerAnswered(f"{what}: every server failed; last error: {last_error}")
+
+
+def _quote(s: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.quote(s, safe="")
+
+
+def shuffled(items: Iterable[str], seed: str) -> list[str]:
+    out = sorted(items)
+    random.Random(seed).shuffle(out)
+    return out
