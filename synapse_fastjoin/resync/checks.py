@@ -55,6 +55,9 @@ class CheckResult:
     unwanted: int = 0
     """Events not promised by /state_ids (or for another room, or duplicates)."""
 
+    already_stored: int = 0
+    """Promised events we have already (e.g. from an earlier, cut-off round)."""
+
     bad_signature: list[tuple[str, str]] = attr.Factory(list)
     """(event id, reason) of events whose signatures did not verify."""
 
@@ -126,7 +129,8 @@ def check_chunk(
     pdus: list[dict[str, Any]],
     room_version: RoomVersion,
     room_id: str,
-    wanted: AbstractSet[str],
+    promised: AbstractSet[str],
+    missing: AbstractSet[str],
     keys: KeyMap,
 ) -> CheckResult:
     """Check a chunk of raw events. Runs in a worker thread.
@@ -135,8 +139,9 @@ def check_chunk(
         pdus: raw event dicts as received.
         room_version: the room's version.
         room_id: the room they must belong to.
-        wanted: the event ids still missing, i.e. promised and not yet stored.
-            Events outside it are counted in `unwanted` and dropped.
+        promised: the event ids /state_ids listed; anything else is counted in
+            `unwanted` and dropped.
+        missing: those of them not stored yet; the others are skipped unchecked.
         keys: every key the caller could fetch for the chunk's signers.
     """
     result = CheckResult()
@@ -148,10 +153,13 @@ def check_chunk(
         except Exception:
             result.malformed += 1
             continue
-        if event_id not in wanted or event_id in seen or event.room_id != room_id:
+        if event_id not in promised or event_id in seen or event.room_id != room_id:
             result.unwanted += 1
             continue
         seen.add(event_id)
+        if event_id not in missing:
+            result.already_stored += 1
+            continue
         reason = _check_signatures(pdu, event, room_version, keys)
         if reason is not None:
             result.bad_signature.append((event_id, reason))

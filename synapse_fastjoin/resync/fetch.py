@@ -108,6 +108,7 @@ class StateFetcher:
         self._federation_event_handler = hs.get_federation_event_handler()
         self._keys: dict[tuple[str, str], KeyInfo] = {}
         self._keys_tried: set[tuple[str, str]] = set()
+        self._keys_linearizer = Linearizer(name="fastjoin_keys", clock=self._clock)
         self._persist_lock = Linearizer(name="fastjoin_persist", clock=self._clock)
         # Per fetch_state_after call:
         self._missing: set[str] = set()
@@ -249,9 +250,15 @@ class StateFetcher:
         )
         logcontext = current_context()
 
+        inflight: list["defer.Deferred[None]"] = []
+
         def on_chunk(chunk: list[dict[str, Any]]) -> "defer.Deferred[None]":
             with PreserveLoggingContext(logcontext):
-                return run_in_background(self._take_chunk, chunk, reader)
+                d = run_in_background(self._take_chunk, chunk, reader)
+            waiter: "defer.Deferred[None]" = defer.Deferred()
+            d.addBoth(lambda r: (waiter.callback(None), r)[1])
+            inflight.append(waiter)
+            return d
 
         promised_count = len(self._promised)
         reader = StateBodyReader(
@@ -266,18 +273,20 @@ class StateFetcher:
             await make_deferred_yieldable(reader.done)
         finally:
             self._progress.bytes_received += reader.bytes
-        # Let the chunks still being persisted finish.
-        async with self._persist_lock.queue(self._room_id):
-            pass
+            # Whatever happened, let the chunks already handed on finish
+            # (their events are kept) before the round ends.
+            await make_deferred_yieldable(
+                defer.gatherResults(inflight, consumeErrors=True)
+            )
         return True
 
     async def _take_chunk(self, chunk: list[dict[str, Any]], reader: StateBodyReader | None) -> None:
         self._progress.fetched += len(chunk)
         result = await self._check(chunk)
-        if reader is not None and self._progress.unwanted > max(
-            1000, len(self._promised) // 10
-        ):
-            reader.reject(f"{self._progress.unwanted} events that /state_ids did not list")
+        if reader is not None:
+            reader.unwanted += result.unwanted + result.malformed
+            if reader.unwanted > max(1000, len(self._promised) // 10):
+                reader.reject(f"{reader.unwanted} events that /state_ids did not list")
         async with self._persist_lock.queue(self._room_id):
             await self._auth_and_persist(result)
 
@@ -290,6 +299,7 @@ class StateFetcher:
             chunk,
             self._room_version,
             self._room_id,
+            self._promised,
             self._missing,
             dict(self._keys),
         )
@@ -303,7 +313,12 @@ class StateFetcher:
 
     async def _ensure_keys(self, chunk: list[dict[str, Any]]) -> None:
         """Fetch, through Synapse's keyring, the keys the chunk is signed with
-        that we do not have yet (each is asked for once per run)."""
+        that we do not have yet (each is asked for once per run). Serialised,
+        so a chunk never goes on while another is still fetching its keys."""
+        async with self._keys_linearizer.queue(self._room_id):
+            await self._ensure_keys_locked(chunk)
+
+    async def _ensure_keys_locked(self, chunk: list[dict[str, Any]]) -> None:
         needed: dict[str, set[str]] = {}
         min_ts: dict[str, int] = {}
         for pdu in chunk:
@@ -467,7 +482,7 @@ class StateFetcher:
             )
             for event_id, ev in loaded.items():
                 self._auth_cache[event_id] = ev
-            while len(self._auth_cache) > 20000:
+            while len(self._auth_cache) > 2000:
                 self._auth_cache.popitem(last=False)
         for ev in batch:
             for a in ev.auth_event_ids():
@@ -520,7 +535,7 @@ class StateFetcher:
         for event, _ in to_persist:
             self._missing.discard(event.event_id)
             self._auth_cache[event.event_id] = event
-        while len(self._auth_cache) > 20000:
+        while len(self._auth_cache) > 2000:
             self._auth_cache.popitem(last=False)
         self._progress.persisted += len(to_persist)
         del batch_ids

@@ -48,7 +48,7 @@ class StateBodyReader(Protocol):
         chunk_size: int,
         max_items: int,
         max_item_bytes: int = 256 * 1024,
-        max_pending: int = 2,
+        max_pending: int = 3,
         idle_timeout: float = 120.0,
     ) -> None:
         self._on_chunk = on_chunk
@@ -61,6 +61,8 @@ class StateBodyReader(Protocol):
         self.done: "defer.Deferred[int]" = defer.Deferred()
         self.items = 0
         self.bytes = 0
+        self.unwanted = 0
+        """Counted by the consumer: items that were not promised events."""
         self._bytes_since_item = 0
         self._buffer: list[dict[str, Any]] = []
         self._pending = 0
