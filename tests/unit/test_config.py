@@ -53,3 +53,28 @@ def test_ill_typed_or_out_of_range_value_is_named(key, value):
 def test_config_must_be_a_mapping():
     with pytest.raises(ConfigError, match="mapping"):
         parse_config(["admin_api"])  # type: ignore[arg-type]
+
+
+def test_resync_block_defaults_and_overrides():
+    assert parse_config({}).resync.engine is True
+    config = parse_config({"resync": {"engine": False, "chunk_size": 200, "check_threads": 4}})
+    assert (config.resync.engine, config.resync.chunk_size, config.resync.check_threads) == (False, 200, 4)
+    assert config.resync.persist_batch_size == 500  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize(
+    "raw,named",
+    [
+        ({"resync": {"no_such": 1}}, "resync.no_such"),
+        ({"resync": {"chunk_size": "big"}}, "resync.chunk_size"),
+        ({"resync": {"check_threads": 0}}, "resync.check_threads"),
+        ({"resync": {"engine": "on"}}, "resync.engine"),
+        ({"resync": {"backoff_initial_seconds": 60, "backoff_max_seconds": 10}}, "resync.backoff_max_seconds"),
+        ({"resync": ["engine"]}, "mapping"),
+    ],
+)
+def test_bad_resync_settings_are_named(raw, named):
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert named in str(e.value)
+    assert e.value.path[:4] == ("modules", "synapse_fastjoin.FastJoinModule", "config", "resync")
