@@ -21,7 +21,9 @@ It never gives up: a failure is retried with exponential backoff, rotating
 through every server known to be in the room (refreshed from the room's state on
 every cycle), and the admin API shows the room as waiting, with the last error
 and the time of the next attempt. It stops only when the room is no longer
-partial (done, or purged) or when no local user is in the room any more.
+partial (done, or purged), or when it fails after no local user is left in the
+room (other servers refuse state to a server that left, as Synapse's own loop
+finds; a rejoin starts a new resync).
 """
 
 import logging
@@ -192,17 +194,26 @@ class _RoomResync:
                     self._progress.set_phase(PHASE_DONE)
                     return
                 self._backoff_level = 0
-            except RoomLeft:
-                logger.info(
-                    "Resync of %s stops: no local user is in the room any more", self._room_id
-                )
-                return
             except defer.CancelledError:
                 raise
             except Exception as e:
-                await self._after_failure(e)
+                try:
+                    await self._after_failure(e)
+                except RoomLeft:
+                    logger.info(
+                        "Resync of %s stops after %s: no local user is in the room any more",
+                        self._room_id,
+                        f"{type(e).__name__}: {e}",
+                    )
+                    return
 
     async def _after_failure(self, error: Exception) -> None:
+        # Servers refuse state to a server that left the room, so failing after
+        # our last user left is expected: stop, as Synapse does, leaving the
+        # room partial (a rejoin starts a new resync). While everything works
+        # the resync goes on to the end even after a leave, as Synapse's does.
+        if not await self._main.is_host_joined(self._room_id, self._hs.hostname):
+            raise RoomLeft() from error
         self._progress.retries += 1
         self._progress.last_error = f"{type(error).__name__}: {error}"
         if isinstance(error, NoServerAnswered):
@@ -227,8 +238,6 @@ class _RoomResync:
     async def _one_pass(self) -> bool:
         """Bring every partial-state event up to full state, then finish.
         Returns True once the room is done; False to go round again."""
-        if not await self._main.is_host_joined(self._room_id, self._hs.hostname):
-            raise RoomLeft()
         self._progress.set_phase(PHASE_STARTING)
         while True:
             batch = await self._partial_state_events_in_order()
