@@ -40,7 +40,7 @@ from synapse.state import StateResolutionStore
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 from synapse.util.duration import Duration
 
-from synapse_fastjoin.resync.fetch import NoServerAnswered, StateFetcher
+from synapse_fastjoin.resync.fetch import Destinations, NoServerAnswered, StateFetcher
 from synapse_fastjoin.resync.progress import (
     PHASE_CATCHUP,
     PHASE_DONE,
@@ -136,27 +136,16 @@ class _RoomResync:
         self._federation_event_handler = hs.get_federation_event_handler()
         self._state_handler = hs.get_state_handler()
         self._notifier = hs.get_notifier()
-        self._destinations: list[str] = []
-        self._failures_in_cycle = 0
+        self._destinations = Destinations(hs.hostname, config.parallel_servers)
         self._backoff_level = 0
 
     # Destinations.
 
     def add_destinations(self, first: str | None, others: Collection[str]) -> None:
-        mine = self._hs.hostname
-        ordered = ([first] if first else []) + sorted(others)
-        for dest in ordered:
-            if dest and dest != mine and dest not in self._destinations:
-                self._destinations.append(dest)
+        # The server we joined through answered us: ask it first.
+        self._destinations.add([first], good=True)
+        self._destinations.add(sorted(others))
         self._progress.servers_known = len(self._destinations)
-
-    def destinations(self) -> list[str]:
-        """The servers to try, the one that last worked first."""
-        return list(self._destinations)
-
-    def _rotate(self) -> None:
-        if len(self._destinations) > 1:
-            self._destinations.append(self._destinations.pop(0))
 
     async def _refresh_destinations(self) -> None:
         """Add the servers the room's (partial) state shows as joined."""
@@ -165,13 +154,13 @@ class _RoomResync:
         except Exception as e:
             logger.warning("Resync of %s: could not list hosts in room: %s", self._room_id, e)
             return
-        before = len(self._destinations)
-        self.add_destinations(None, [h for h in hosts])
-        if len(self._destinations) > before:
+        added = self._destinations.add(hosts)
+        self._progress.servers_known = len(self._destinations)
+        if added:
             logger.info(
                 "Resync of %s: %d more servers from the room state, %d known",
                 self._room_id,
-                len(self._destinations) - before,
+                added,
                 len(self._destinations),
             )
 
@@ -182,7 +171,7 @@ class _RoomResync:
             "Resync of %s starts (synapse-fastjoin engine), %d servers to ask: %s",
             self._room_id,
             len(self._destinations),
-            self._destinations[:5],
+            self._destinations.candidates(),
         )
         while True:
             if not await self._main.is_partial_state_room(self._room_id):
@@ -220,7 +209,6 @@ class _RoomResync:
             logger.warning("Resync of %s: %s", self._room_id, error)
         else:
             logger.warning("Resync of %s failed", self._room_id, exc_info=error)
-        self._rotate()
         await self._refresh_destinations()
         delay = min(
             self._config.backoff_max_seconds,
@@ -319,7 +307,7 @@ class _RoomResync:
             self._config,
             self._room_id,
             room_version,
-            self.destinations,
+            self._destinations,
             self._progress,
             self._threadpool,
         )

@@ -78,6 +78,54 @@ class NoServerAnswered(Exception):
     """Every server we tried failed; the caller backs off and tries again."""
 
 
+class Destinations:
+    """The servers a resync may ask, and which to ask next.
+
+    The server that last answered (at first the one we joined through) is
+    always asked first; after it, `per_attempt` others in turn, a different
+    few on every attempt, so a room whose state names thousands of servers (most
+    of them unreachable) does not make one attempt try them all.
+    """
+
+    def __init__(self, own_server_name: str, per_attempt: int) -> None:
+        self._own = own_server_name
+        self._per_attempt = max(1, per_attempt)
+        self._all: list[str] = []
+        self._known: set[str] = set()
+        self._good: str | None = None
+        self._offset = 0
+
+    def add(self, servers: Iterable[str | None], good: bool = False) -> int:
+        """Add servers (in order); returns how many were new."""
+        added = 0
+        for server in servers:
+            if server and server != self._own and server not in self._known:
+                self._known.add(server)
+                self._all.append(server)
+                added += 1
+            if good and server and server != self._own and self._good is None:
+                self._good = server
+        return added
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def candidates(self) -> list[str]:
+        """Whom to ask in this attempt, in order."""
+        out = [self._good] if self._good else []
+        others = [d for d in self._all if d != self._good]
+        for i in range(min(self._per_attempt, len(others))):
+            out.append(others[(self._offset + i) % len(others)])
+        return out
+
+    def answered(self, server: str) -> None:
+        self._good = server
+
+    def advance(self) -> None:
+        """Every candidate failed: try the next few next time."""
+        self._offset += self._per_attempt
+
+
 class StateFetcher:
     """Fetches the state of one room; one instance per resync run."""
 
@@ -87,7 +135,7 @@ class StateFetcher:
         config: "ResyncConfig",
         room_id: str,
         room_version: RoomVersion,
-        destinations: Callable[[], list[str]],
+        destinations: Destinations,
         progress: ResyncProgress,
         threadpool: ThreadPool,
     ) -> None:
@@ -367,7 +415,7 @@ class StateFetcher:
     async def _fetch_events_individually(self) -> bool:
         """Fetch each missing event with /event, from several servers at once.
         Returns whether every event was answered by some server (found or not)."""
-        destinations = self._destinations()
+        destinations = self._destinations.candidates()
         if not destinations:
             raise NoServerAnswered("no server to ask")
         wanted = sorted(self._missing)
@@ -567,16 +615,18 @@ class StateFetcher:
         return found
 
     async def _with_failover(self, what: str, call: Callable[[str], Awaitable[T]]) -> T:
-        """Try `call` against each destination in turn; raise NoServerAnswered
-        (with the last error) if all fail."""
-        destinations = self._destinations()
+        """Try `call` against this attempt's candidates in turn; raise
+        NoServerAnswered (with the last error) if all fail."""
+        destinations = self._destinations.candidates()
         if not destinations:
             raise NoServerAnswered("no other server is known to be in the room")
         last_error: Exception | None = None
         for dest in destinations:
             self._progress.destination = dest
             try:
-                return await call(dest)
+                result = await call(dest)
+                self._destinations.answered(dest)
+                return result
             except defer.CancelledError:
                 raise
             except Exception as e:
@@ -591,7 +641,10 @@ class StateFetcher:
                     type(e).__name__,
                     e,
                 )
-        raise NoServerAnswered(f"{what}: every server failed; last error: {last_error}")
+        self._destinations.advance()
+        raise NoServerAnswered(
+            f"{what}: {len(destinations)} servers failed; last error: {last_error}"
+        )
 
 
 def _quote(s: str) -> str:

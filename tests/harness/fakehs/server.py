@@ -7,6 +7,7 @@ with its own port, server name (`localhost:<port>`) and key, so that a joining
 server has other servers in the room to fall back to.
 """
 
+import io
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ from signedjson.sign import sign_json
 from twisted.internet import defer, reactor as default_reactor, ssl
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
+from twisted.protocols.basic import FileSender
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
@@ -35,6 +37,9 @@ from tests.harness.fakehs.keys import KEY_ID, notarised_keys_json, server_keys_j
 from tests.harness.fakehs.room import Room, StoredEvent
 
 logger = logging.getLogger(__name__)
+
+# Bodies larger than this are streamed with a producer (see `_write`).
+_STREAM_ABOVE = 1024 * 1024
 
 ACTIONS = ("hold", "fail", "delay", "cut", "truncate", "malformed", "oversize", "endless", "forge")
 FORGE_MODES = ("bad_signature", "bad_hash", "extra_events")
@@ -314,7 +319,10 @@ class FakeResident:
             request.setHeader(b"Content-Length", str(len(body)).encode())
             request.write(body[: rule.after_bytes])
             self._count(endpoint, rule.after_bytes)
-            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            # Close once the bytes written are sent: an abort would throw away
+            # what is still buffered (headers included), so the peer would see
+            # a refused request, not a body cut part-way.
+            request.channel.loseConnection()  # type: ignore[union-attr]
         elif rule.action == "truncate":
             self._write(request, endpoint, path, code, body[: len(body) // 2])
         elif rule.action == "malformed":
@@ -334,9 +342,20 @@ class FakeResident:
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", str(len(body)).encode())
-        request.write(body)
-        request.finish()
         self._count(endpoint, len(body))
+        if len(body) <= _STREAM_ABOVE:
+            request.write(body)
+            request.finish()
+            return
+        # Large bodies go out as Synapse sends them: through a producer that
+        # follows the client's pace, finishing only once the last byte is
+        # handed to the transport. (Writing all at once and finishing would
+        # re-arm Twisted's 60 s idle timeout and cut off a slow reader.)
+        d = FileSender().beginFileTransfer(io.BytesIO(body), request)
+        d.addCallbacks(
+            lambda _: None if request.finished or getattr(request, "_disconnected", False) else request.finish(),
+            lambda f: logger.info("fake resident: %s not fully sent: %s", path, f.getErrorMessage()),
+        )
 
     def _count(self, endpoint: str, n: int) -> None:
         self.bytes_served[endpoint] = self.bytes_served.get(endpoint, 0) + n
