@@ -52,6 +52,8 @@ class ResyncProgress:
     # Catch-up of events that arrived while partial.
     catchup_done: int = 0
     catchup_remaining: int | None = None
+    catchup_seconds: float = 0.0
+    """Time spent in batched catch-up (events that arrived while partial)."""
     # Failures.
     retries: int = 0
     last_error: str | None = None
