@@ -38,6 +38,9 @@ class KeyInfo(NamedTuple):
     valid_until_ts: int
 
 
+# Reasons starting with this are about our keys, not the event.
+_KEY_PROBLEM = "key unavailable"
+
 KeyMap = Mapping[tuple[str, str], KeyInfo]
 """(server name, key id) -> key."""
 
@@ -60,6 +63,10 @@ class CheckResult:
 
     bad_signature: list[tuple[str, str]] = attr.Factory(list)
     """(event id, reason) of events whose signatures did not verify."""
+
+    missing_key: list[tuple[str, str]] = attr.Factory(list)
+    """(event id, reason) of events we could not check for want of a usable key
+    (not fetched yet, or expired): to be tried again, never taken as forged."""
 
     malformed: int = 0
     """Items that could not be parsed as events of this room version."""
@@ -162,7 +169,10 @@ def check_chunk(
             continue
         reason = _check_signatures(pdu, event, room_version, keys)
         if reason is not None:
-            result.bad_signature.append((event_id, reason))
+            if reason.startswith(_KEY_PROBLEM):
+                result.missing_key.append((event_id, reason))
+            else:
+                result.bad_signature.append((event_id, reason))
             continue
         if not check_event_content_hash(event):
             event = prune_event(event)
@@ -190,13 +200,13 @@ def _check_signatures(
         if not isinstance(sigs, Mapping) or not sigs:
             return f"not signed by {server}"
         verified = False
-        last_error = f"no usable key of {server}"
+        last_error = f"{_KEY_PROBLEM}: no usable key of {server}"
         for key_id in sigs:
             key = keys.get((server, key_id))
             if key is None:
                 continue
             if key.valid_until_ts < minimum_valid_until:
-                last_error = f"key {server} {key_id} expired before the event"
+                last_error = f"{_KEY_PROBLEM}: key {server} {key_id} expired before the event"
                 continue
             if redacted is None:
                 redacted = prune_event(event).get_pdu_json()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterabl
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
-from synapse.api.errors import AuthError, EventSizeError
+from synapse.api.errors import AuthError, EventSizeError, HttpResponseException
 from synapse.api.room_versions import RoomVersion
 from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS, _FetchKeyRequest
 from synapse.event_auth import (
@@ -156,6 +156,7 @@ class StateFetcher:
         self._federation_event_handler = hs.get_federation_event_handler()
         self._keys: dict[tuple[str, str], KeyInfo] = {}
         self._keys_tried: set[tuple[str, str]] = set()
+        self._key_problem_ids: set[str] = set()
         self._keys_linearizer = Linearizer(name="fastjoin_keys", clock=self._clock)
         self._persist_lock = Linearizer(name="fastjoin_persist", clock=self._clock)
         # Per fetch_state_after call:
@@ -179,9 +180,7 @@ class StateFetcher:
         self._progress.set_phase(PHASE_STATE_IDS)
         state_ids, auth_ids = await self._with_failover(
             "state_ids",
-            lambda dest: self._federation_client.get_room_state_ids(
-                dest, self._room_id, event_id=event_id
-            ),
+            lambda dest: self._get_state_ids(dest, event_id),
         )
         promised = set(state_ids)
         promised.update(auth_ids)
@@ -240,6 +239,29 @@ class StateFetcher:
         self._auth_cache.clear()
         return state_map
 
+    async def _get_state_ids(self, destination: str, event_id: str) -> tuple[list[str], list[str]]:
+        """/state_ids, ignoring Synapse's per-destination backoff: the engine
+        has its own, and one failure must not lock a room's only resident out
+        of its resync for Synapse's 10 minutes."""
+        doc = await self._http.get_json(
+            destination,
+            path=f"/_matrix/federation/v1/state_ids/{_quote(self._room_id)}",
+            args={"event_id": event_id},
+            timeout=self._config.request_timeout_seconds * 1000,
+            ignore_backoff=True,
+            try_trailing_slash_on_400=True,
+        )
+        state_ids = doc.get("pdu_ids") if isinstance(doc, dict) else None
+        auth_ids = doc.get("auth_chain_ids", []) if isinstance(doc, dict) else None
+        if (
+            not isinstance(state_ids, list)
+            or not isinstance(auth_ids, list)
+            or not all(isinstance(i, str) for i in state_ids)
+            or not all(isinstance(i, str) for i in auth_ids)
+        ):
+            raise ValueError("invalid /state_ids response")
+        return state_ids, auth_ids
+
     async def _fetch_missing(self, at_event_id: str) -> set[str]:
         """Fetch rounds until nothing is missing. Returns the events no server
         would give us although at least one answered the round completely."""
@@ -247,7 +269,13 @@ class StateFetcher:
         while self._missing:
             before = len(self._missing)
             complete_round = False
-            if len(self._missing) > self._config.event_fetch_threshold:
+            # Keys that could not be fetched are asked for again each round.
+            self._keys_tried.clear()
+            self._key_problem_ids = set()
+            # /state is the state *before* the event: the event itself always
+            # comes from /event.
+            in_state = len(self._missing - {at_event_id})
+            if in_state and in_state > self._config.event_fetch_threshold:
                 self._progress.set_phase(PHASE_STATE)
                 complete_round = await self._with_failover(
                     "state", lambda dest: self._stream_state(dest, at_event_id)
@@ -267,6 +295,13 @@ class StateFetcher:
                 rounds_without_progress = 0
                 continue
             rounds_without_progress += 1
+            unchecked = self._missing & self._key_problem_ids
+            if unchecked:
+                # Not the events' fault: the keys to check them could not be
+                # fetched (e.g. the notary is backing off). Try again later.
+                raise NoServerAnswered(
+                    f"signing keys to check {len(unchecked)} events could not be fetched"
+                )
             if complete_round and rounds_without_progress >= 2:
                 # Servers answered but none has these events (or they depend on
                 # events none has): do what Synapse does, leave them out.
@@ -355,6 +390,9 @@ class StateFetcher:
         self._progress.redacted += result.redacted
         self._progress.unwanted += result.unwanted + result.malformed
         self._progress.bad_signatures += len(result.bad_signature)
+        self._key_problem_ids.update(event_id for event_id, _ in result.missing_key)
+        for event_id, reason in result.missing_key[:3]:
+            logger.warning("Resync of %s: cannot check %s yet: %s", self._room_id, event_id, reason)
         for event_id, reason in result.bad_signature[:5]:
             logger.warning("Resync of %s: dropping %s: %s", self._room_id, event_id, reason)
         return result
@@ -420,27 +458,37 @@ class StateFetcher:
             raise NoServerAnswered("no server to ask")
         wanted = sorted(self._missing)
         pdus: list[dict[str, Any]] = []
-        answered = 0
         concurrency = self._config.event_fetch_concurrency
         servers = destinations[: self._config.parallel_servers]
 
         async def get_one(index: int, event_id: str) -> None:
-            nonlocal answered
             order = servers[index % len(servers):] + servers[: index % len(servers)]
             for dest in order:
                 self._progress.destination = dest
                 try:
-                    doc = await self._transport.get_event(
-                        dest, event_id, timeout=self._config.request_timeout_seconds * 1000
+                    doc = await self._http.get_json(
+                        dest,
+                        path=f"/_matrix/federation/v1/event/{_quote(event_id)}",
+                        timeout=self._config.request_timeout_seconds * 1000,
+                        ignore_backoff=True,
                     )
+                except HttpResponseException as e:
+                    logger.info("Resync of %s: /event %s from %s: %s", self._room_id, event_id, dest, e)
+                    if e.code == 404:
+                        # A definite answer: that server does not have it.
+                        not_found.add(event_id)
+                    continue
                 except Exception as e:
                     logger.info("Resync of %s: /event %s from %s failed: %s", self._room_id, event_id, dest, e)
                     continue
-                answered += 1
+                served.add(event_id)
                 found = doc.get("pdus") if isinstance(doc, dict) else None
                 if isinstance(found, list):
                     pdus.extend(p for p in found[:1] if isinstance(p, dict))
                 return
+
+        not_found: set[str] = set()
+        served: set[str] = set()
 
         for batch in batch_iter(list(enumerate(wanted)), concurrency):
             await make_deferred_yieldable(
@@ -453,7 +501,8 @@ class StateFetcher:
                 await self._take_chunk(chunk, None)
         if pdus:
             await self._take_chunk(pdus, None)
-        return answered == len(wanted)
+        # Complete if every event was served, or said not to exist, by someone.
+        return len(served | not_found) == len(wanted)
 
     # Auth and persistence.
 

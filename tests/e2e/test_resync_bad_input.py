@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 import pytest_twisted
 from canonicaljson import encode_canonical_json
 from twisted.internet import defer
@@ -291,6 +292,23 @@ class Watcher:
         return await poll_until(found, timeout=TIMEOUT, interval=self.interval, description=description)
 
 
+class LogFollower:
+    """Reads a growing log file from where it was when created."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._text = ""
+
+    def seen(self, needle: str) -> bool:
+        with open(self._path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        self._offset += len(data)
+        self._text += data.decode("utf-8", "replace")
+        return needle in self._text
+
+
 # 1. The connection is cut half-way through /state.
 
 
@@ -305,17 +323,12 @@ async def test_state_cut_half_way_keeps_what_arrived_and_completes(
         # Small chunks, so that what arrived before the cut is checked and
         # persisted, and must not be fetched again.
         j = await join(synapse_factory, resident, chunk_size=20)
-        watcher = Watcher(j)
-        try:
-            await assert_complete(j)
-        finally:
-            await watcher.stop()
+        await assert_complete(j)
 
         assert cut not in resident.rules, "the cut was never applied"
         assert received(resident, "state") >= 2
         assert served(resident, STATE, 200) >= 1
-        assert watcher.max("retries") >= 1, watcher.snapshots[-3:]
-        assert watcher.seen(lambda p: p["phase"] == "waiting_to_retry")
+        assert f"StreamAborted: connection lost after {half} bytes" in j.joiner.read_log()
         # The second /state_ids round found the events of the first half stored.
         log = j.state_ids_log()
         assert len(log) >= 2, log
@@ -451,7 +464,6 @@ async def test_endless_state_body_is_cut_off_with_bounded_memory(
         assert sent < 1024**3, f"the joiner read {sent} bytes of the endless body"
         assert watcher.rss_samples > 10
         assert watcher.max_rss_kib < 1024 * 1024, f"joiner RSS reached {watcher.max_rss_kib} KiB"
-        assert watcher.max("retries") >= 1
         assert "StreamAborted" in j.joiner.read_log()
     finally:
         await resident.stop()
@@ -484,21 +496,33 @@ class PickyResident(FakeResident):
         super().handle(persona, request)
 
 
+@pytest.mark.parametrize(
+    "fetch_threshold", [STREAM_THRESHOLD, 2000], ids=["streamed", "events-default-threshold"]
+)
 @pytest_twisted.ensureDeferred
 async def test_state_comes_from_another_server_when_the_first_fails(
-    synapse_factory, tls_files, tmp_path, db_backend
+    synapse_factory, tls_files, tmp_path, db_backend, fetch_threshold
 ):
+    """The server joined through fails every /state_ids and /state; the other
+    persona answers. The failing one is also the joiner's notary, so once
+    Synapse backs off from it, key queries through it fail too for a while:
+    events whose keys cannot be had yet must be fetched again later, not left
+    out of the state. With the default threshold (2000) the ~300 missing
+    events come from /event instead of /state."""
     resident = await start_resident(tls_files, tmp_path, personas=2, cls=PickyResident)
     try:
         bad, good = (p.server_name for p in resident.personas)
         resident.broken.add(bad)
-        j = await join(synapse_factory, resident)  # via the bad one
+        j = await join(synapse_factory, resident, event_fetch_threshold=fetch_threshold)  # via the bad one
         await assert_complete(j)
 
         assert resident.state_requests.get(bad, 0) >= 1, "the server joined via was never asked"
-        assert resident.state_requests.get(good, 0) >= 2, resident.state_requests
+        assert resident.state_requests.get(good, 0) >= 1, resident.state_requests
         assert served(resident, STATE_IDS, 200) >= 1
-        assert served(resident, STATE, 200) >= 1
+        if fetch_threshold == STREAM_THRESHOLD:
+            assert served(resident, STATE, 200) >= 1
+        else:
+            assert served(resident, r"/v1/event/", 200) >= SPEC.members
         # Every 200 came from the good persona: the bad one answered its
         # share with 500s.
         assert served(resident, ANY_STATE, 500) == resident.state_requests[bad]
@@ -512,6 +536,10 @@ async def test_state_comes_from_another_server_when_the_first_fails(
 async def test_resync_waits_and_retries_until_the_only_server_recovers(
     synapse_factory, tls_files, tmp_path, db_backend
 ):
+    """The only live server answers every /state_ids and /state with a 500
+    for a while: the admin API shows the room waiting to retry, with the
+    error, pass after pass. Once the server behaves, the next attempts (every
+    `backoff_max_seconds`, 2 s here) reach it and the room completes."""
     resident = await start_resident(tls_files, tmp_path)
     try:
         failing = resident.add_rule(Rule("fail", ANY_STATE, status=500))
@@ -629,14 +657,18 @@ async def test_restart_after_a_cut_stream_keeps_what_was_stored(
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_during_catch_up(synapse_factory, tls_files, tmp_path, db_backend):
-    """Events arrive while the room is partial; the joiner restarts while the
-    engine works through them after the state is done. Every one of them ends
-    up with full state."""
+async def test_crash_after_the_state_during_catch_up(
+    synapse_factory, tls_files, tmp_path, db_backend
+):
+    """Events arrive while the room is partial. Once the state at the join is
+    resolved, and before the engine has caught up with those events, the
+    joiner is frozen and killed (SIGKILL: nothing more happens after the
+    freeze), then started again. Every event ends up with full state."""
     resident = await start_resident(tls_files, tmp_path)
     try:
         resident.hold(STATE)
         j = await join(synapse_factory, resident)
+        join_event_id = j.room.current_state[("m.room.member", j.user_id)]
         await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT, description="/state held")
         # Slowly enough that the joiner never queues so many that it prunes
         # its federation queue (it would then fetch state for the gap, and
@@ -648,27 +680,36 @@ async def test_restart_during_catch_up(synapse_factory, tls_files, tmp_path, db_
             timeout=TIMEOUT,
             description="the live events to reach the joiner",
         )
-
         await poll_until(
-            lambda: j.q("SELECT count(*) FROM partial_state_events")[0][0] >= count,
+            lambda: j.q("SELECT count(*) FROM partial_state_events")[0][0] >= count + 1,
             timeout=TIMEOUT,
             description="the live events to be stored as partial-state events",
         )
-        watcher = Watcher(j, interval=0.02)
-        try:
-            resident.release()
-            await watcher.wait_for(lambda p: p["phase"] == "catching_up", "catch-up to start")
-            j.joiner.stop()
-        finally:
-            await watcher.stop()
+
+        log = LogFollower(j.joiner.log_path)
+        resident.release()
+        await poll_until(
+            lambda: log.seen(f"full state at {join_event_id} has"),
+            timeout=TIMEOUT,
+            interval=0.005,
+            description="the state at the join to be resolved",
+        )
+        j.joiner.pause()
+        j.joiner.kill()
         left = j.q("SELECT count(*) FROM partial_state_events")[0][0]
-        assert 0 < left < count + 1, f"{left} partial-state events left at the restart"
+        assert 0 < left <= count + 1, f"{left} partial-state events left at the crash"
+        assert j.q("SELECT count(*) FROM partial_state_rooms") == [(1,)]
+
         j.joiner.start()
         await assert_complete(j)
-
-        # Every live event is in the timeline.
-        stored = {eid for (eid,) in j.q("SELECT event_id FROM events WHERE room_id = ?", j.room_id)}
-        assert set(resident.injected) <= stored
+        # The state fetched before the crash was kept: if the restarted engine
+        # had to resolve the join again, it had nothing to fetch.
+        state_ids = j.state_ids_log()
+        if len(state_ids) > 1:
+            assert state_ids[-1][3] == 0, state_ids
+        assert set(resident.injected) <= {
+            eid for (eid,) in j.q("SELECT event_id FROM events WHERE room_id = ?", j.room_id)
+        }
     finally:
         await resident.stop()
 
