@@ -58,6 +58,10 @@ class ResyncConfig:
     log_interval_seconds: int = 5
     """How often progress is logged and checkpointed."""
 
+    keep_inbound_queue: bool = True
+    """Stop Synapse from pruning a partial-state room's queue of inbound events
+    (which otherwise drops most live events during a long resync)."""
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class FastJoinConfig:
@@ -112,6 +116,7 @@ _RESYNC_PARSERS = {
     "backoff_initial_seconds": lambda key, v: _int(key, v, 1),
     "backoff_max_seconds": lambda key, v: _int(key, v, 1),
     "log_interval_seconds": lambda key, v: _int(key, v, 1),
+    "keep_inbound_queue": lambda key, v: _bool(key, v),
 }
 
 

@@ -18,9 +18,13 @@ from synapse_fastjoin.storage.store import FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 2
+HOOKS_API_VERSION = 3
 
 _DAY_MS = 24 * 60 * 60 * 1000
+
+# Synapse prunes a room's inbound queue once this many events wait
+# (EventFederationWorkerStore.prune_staged_events_in_room).
+_PRUNE_THRESHOLD = 100
 
 
 def _now_ms() -> int:
@@ -45,6 +49,9 @@ class FastJoinModule:
             api.run_db_interaction, may_migrate=self._is_main_process
         )
 
+        # Rooms whose inbound queue is kept whole (see _may_prune_staged_events).
+        self._queue_protected: set[str] = set()
+
         # Synapse runs resyncs on the main process only; so does the engine.
         self.engine: ResyncEngine | None = None
         if config.resync.engine and self._is_main_process:
@@ -58,6 +65,9 @@ class FastJoinModule:
                 self._register_admin_servlets if config.admin_api else None
             ),
             resync_room=self.engine.resync_room if self.engine else None,
+            may_prune_staged_events=(
+                self._may_prune_staged_events if config.resync.keep_inbound_queue else None
+            ),
         )
 
         if self._is_main_process:
@@ -131,6 +141,30 @@ class FastJoinModule:
                 "Resync of %s ended with the room still partial: %s", room_id, error
             )
         await self.store.record_resync_finished(room_id, complete, error, _now_ms())
+
+    async def _may_prune_staged_events(self, room_id: str) -> bool:
+        """Synapse drops all but the newest of a room's queued inbound events
+        once 100 wait. While the room is partial-state each event is slow to
+        process and the queue grows; pruning then (or right after the resync,
+        when the backlog is still there) loses most live traffic for good. So
+        keep the queue whole while the room is partial and until the backlog
+        it built up has drained below Synapse's threshold once."""
+        store = self._api._store
+        if await store.is_partial_state_room(room_id):
+            self._queue_protected.add(room_id)
+            return False
+        if room_id not in self._queue_protected:
+            return True
+        backlog = await store.db_pool.simple_select_one_onecol(
+            table="federation_inbound_events_staging",
+            keyvalues={"room_id": room_id},
+            retcol="COUNT(*)",
+            desc="fastjoin_staged_backlog",
+        )
+        if backlog < _PRUNE_THRESHOLD:
+            self._queue_protected.discard(room_id)
+            return True
+        return False
 
     def _register_admin_servlets(self, hs: HomeServer, http_server: HttpServer) -> None:
         admin_servlets.register_servlets(hs, http_server, self.store, self._live_progress)

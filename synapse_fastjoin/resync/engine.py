@@ -93,7 +93,12 @@ class ResyncEngine:
         """Called by the patched Synapse in place of its own resync loop."""
         progress = ResyncProgress(room_id)
         self.progress[room_id] = progress
-        checkpoint = await self._store.get_checkpoint(room_id)
+        try:
+            checkpoint = await self._store.get_checkpoint(room_id)
+        except Exception:
+            # The checkpoint is informative; never let it hold up a resync.
+            logger.warning("Resync of %s: could not read its checkpoint", room_id, exc_info=True)
+            checkpoint = None
         if checkpoint:
             logger.info(
                 "Resync of %s resumes (last checkpoint: phase %s, %s events persisted)",
@@ -179,11 +184,13 @@ class _RoomResync:
             self._destinations.candidates(),
         )
         while True:
-            if not await self._main.is_partial_state_room(self._room_id):
-                logger.info("Resync of %s: the room is not partial-state any more", self._room_id)
-                self._progress.set_phase(PHASE_DONE)
-                return
             try:
+                if not await self._main.is_partial_state_room(self._room_id):
+                    logger.info(
+                        "Resync of %s: the room is not partial-state any more", self._room_id
+                    )
+                    self._progress.set_phase(PHASE_DONE)
+                    return
                 if await self._one_pass():
                     self._progress.set_phase(PHASE_DONE)
                     return
@@ -206,7 +213,11 @@ class _RoomResync:
         # our last user left is expected: stop, as Synapse does, leaving the
         # room partial (a rejoin starts a new resync). While everything works
         # the resync goes on to the end even after a leave, as Synapse's does.
-        if not await self._main.is_host_joined(self._room_id, self._hs.hostname):
+        try:
+            joined = await self._main.is_host_joined(self._room_id, self._hs.hostname)
+        except Exception:
+            joined = True  # cannot tell (database trouble): keep trying
+        if not joined:
             raise RoomLeft() from error
         self._progress.retries += 1
         self._progress.last_error = f"{type(error).__name__}: {error}"

@@ -475,6 +475,8 @@ class _FederationSender:
         self.queues: dict[str, list[bytes]] = {}
         self.busy: set[str] = set()
         self.sent = 0
+        self.pdu_errors: dict[str, Any] = {}
+        """event id -> the error a destination answered for it in /send."""
         self._txn = itertools.count(int(time.time()))
         self._agent = Agent(
             resident.reactor,
@@ -527,10 +529,19 @@ class _FederationSender:
                 headers={"Authorization": auth, "Content-Type": "application/json"},
                 timeout=60,
             )
-            await response.content()
+            body = await response.content()
         except Exception as e:
             logger.warning("sending to %s failed: %s", destination, e)
             return False
+        if response.code == 200:
+            try:
+                results = json.loads(body).get("pdus", {})
+            except ValueError:
+                results = {}
+            errors = {k: v for k, v in results.items() if isinstance(v, dict) and v.get("error")}
+            if errors:
+                self.pdu_errors.update(errors)
+                logger.warning("%s refused %d PDUs: %s", destination, len(errors), list(errors.items())[:3])
         if response.code != 200:
             logger.warning("sending to %s: HTTP %d", destination, response.code)
             return False

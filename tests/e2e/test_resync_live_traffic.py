@@ -1,0 +1,105 @@
+"""Live events that arrive while a room is partial are all kept, and end up
+accepted once the resync is done.
+
+Synapse prunes a room's queue of inbound events down to its newest ones once
+100 wait; during a long resync that drops most live traffic for good. With the
+module (patch 0006, `resync.keep_inbound_queue`) the queue is kept whole while
+the room is partial.
+"""
+
+import pytest_twisted
+
+from tests.e2e.test_resync_bad_input import (
+    STATE_IDS,
+    TIMEOUT,
+    assert_complete,
+    join,
+    start_resident,
+)
+from tests.harness.client import poll_until, sleep
+from tests.harness.fakehs.room import RoomSpec
+
+SPEC = RoomSpec(members=200, servers=1, history=6)
+LIVE = 300
+
+
+def _persisted(j, event_ids):
+    """How many of `event_ids` the joiner stored as accepted timeline events."""
+    found = 0
+    for start in range(0, len(event_ids), 100):
+        batch = event_ids[start : start + 100]
+        marks = ",".join(j.joiner.database.placeholder for _ in batch)
+        rows = j.joiner.database.query(
+            "SELECT COUNT(*) FROM events e LEFT JOIN rejections r USING (event_id)"
+            f" WHERE e.event_id IN ({marks}) AND NOT e.outlier AND r.event_id IS NULL",
+            tuple(batch),
+        )
+        found += rows[0][0]
+    return found
+
+
+def _breakdown(j, event_ids):
+    """How the live events were stored: (in events, outliers, rejected)."""
+    marks = ",".join(j.joiner.database.placeholder for _ in event_ids)
+    (row,) = j.joiner.database.query(
+        "SELECT COUNT(*), SUM(CASE WHEN e.outlier THEN 1 ELSE 0 END),"
+        " SUM(CASE WHEN r.event_id IS NULL THEN 0 ELSE 1 END)"
+        f" FROM events e LEFT JOIN rejections r USING (event_id) WHERE e.event_id IN ({marks})",
+        tuple(event_ids),
+    )
+    return row
+
+
+def _missing(j, event_ids):
+    marks = ",".join(j.joiner.database.placeholder for _ in event_ids)
+    rows = j.joiner.database.query(
+        f"SELECT event_id FROM events WHERE event_id IN ({marks})", tuple(event_ids)
+    )
+    found = {r[0] for r in rows}
+    return [e for e in event_ids if e not in found]
+
+
+def _staged(j):
+    return j.q("SELECT COUNT(*) FROM federation_inbound_events_staging")[0][0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_live_event_sent_while_partial_is_kept_and_accepted(
+    synapse_factory, tls_files, tmp_path, db_backend
+):
+    resident = await start_resident(tls_files, tmp_path, spec=SPEC)
+    try:
+        # Keep the room partial while a burst of live events arrives: far more
+        # than the 100 at which Synapse would prune the queue.
+        resident.hold(STATE_IDS)
+        j = await join(synapse_factory, resident)
+        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT)
+        resident.inject(rate=100, count=LIVE)
+        await poll_until(lambda: len(resident.injected) >= LIVE, timeout=TIMEOUT)
+        await sleep(2)
+        peak = _staged(j)
+        resident.release()
+
+        await assert_complete(j)
+        try:
+            await poll_until(
+                lambda: _persisted(j, resident.injected) >= LIVE, timeout=TIMEOUT, interval=1
+            )
+        except TimeoutError:
+            pass
+        log = j.joiner.log_path.read_text()
+        assert "from federation queue" not in log, "the inbound queue was pruned"
+        persisted, staged = _persisted(j, resident.injected), _staged(j)
+        assert (persisted, staged) == (LIVE, 0), (
+            f"{persisted} of {LIVE} live events persisted, {staged} still queued"
+            f" (at most {peak} were queued at once); stored/outliers/rejected:"
+            f" {_breakdown(j, resident.injected)}; refused in /send:"
+            f" {list(resident._sender.pdu_errors.items())[:3]}; sent {resident._sender.sent},"
+            f" queued to send {[len(q) for q in resident._sender.queues.values()]},"
+            f" joined servers {resident.joined_servers}; missing e.g. {_missing(j, resident.injected)[:3]}"
+        )
+        # The burst really did pile up behind the partial state (otherwise this
+        # test would prove nothing about pruning).
+        assert peak >= 100, f"only {peak} events were queued at once"
+    finally:
+        await resident.stop()
