@@ -23,7 +23,6 @@ we lack, build the state map) without its limits:
 
 import collections
 import logging
-import random
 from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterable, TypeVar
 
 from twisted.internet import defer
@@ -62,7 +61,7 @@ from synapse_fastjoin.resync.progress import (
     PHASE_STATE_IDS,
     ResyncProgress,
 )
-from synapse_fastjoin.resync.stream import StateBodyReader, StreamAborted
+from synapse_fastjoin.resync.stream import StateBodyReader
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -149,8 +148,6 @@ class StateFetcher:
         self._store = hs.get_datastores().main
         self._clock = hs.get_clock()
         self._reactor = hs.get_reactor()
-        self._federation_client = hs.get_federation_client()
-        self._transport = hs.get_federation_transport_client()
         self._http = hs.get_federation_http_client()
         self._keyring = hs.get_keyring()
         self._federation_event_handler = hs.get_federation_event_handler()
@@ -568,7 +565,6 @@ class StateFetcher:
         return event_id in self._promised and event_id not in self._missing
 
     async def _persist_batch(self, batch: list[EventBase]) -> None:
-        batch_ids = {ev.event_id for ev in batch}
         auth_map: dict[str, EventBase] = {ev.event_id: ev for ev in batch}
         to_load = {
             a for ev in batch for a in ev.auth_event_ids() if a not in auth_map and a not in self._auth_cache
@@ -635,7 +631,6 @@ class StateFetcher:
         while len(self._auth_cache) > 2000:
             self._auth_cache.popitem(last=False)
         self._progress.persisted += len(to_persist)
-        del batch_ids
 
     # Helpers.
 
@@ -700,9 +695,3 @@ def _quote(s: str) -> str:
     import urllib.parse
 
     return urllib.parse.quote(s, safe="")
-
-
-def shuffled(items: Iterable[str], seed: str) -> list[str]:
-    out = sorted(items)
-    random.Random(seed).shuffle(out)
-    return out
