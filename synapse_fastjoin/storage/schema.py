@@ -55,6 +55,22 @@ SCHEMA_STEPS: list[list[str]] = [
         "ALTER TABLE fastjoin_rooms ADD COLUMN progress TEXT",
         "ALTER TABLE fastjoin_rooms ADD COLUMN progress_ts BIGINT",
     ],
+    # 3: what each server did when the engine asked it for a room's state, so
+    # the fetch policy asks first those that served good state before.
+    [
+        """
+        CREATE TABLE fastjoin_room_servers (
+            room_id TEXT NOT NULL,
+            server_name TEXT NOT NULL,
+            good_count INTEGER NOT NULL DEFAULT 0,
+            fail_count INTEGER NOT NULL DEFAULT 0,
+            last_good_ts BIGINT,
+            last_fail_ts BIGINT,
+            last_error TEXT,
+            PRIMARY KEY (room_id, server_name)
+        )
+        """,
+    ],
 ]
 
 SCHEMA_VERSION = len(SCHEMA_STEPS)
