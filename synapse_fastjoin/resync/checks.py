@@ -13,20 +13,48 @@ with a key valid at the event's timestamp where the room version demands it;
 an event whose content hash does not match is redacted, not dropped. On top of
 that, an event is only accepted if its id is one the resident promised in
 `/state_ids`: a hostile server cannot make us store anything else.
+
+Before any of that, each raw dict goes through what Synapse does to a PDU it
+receives over federation (`federation_base.event_from_pdu_json`, and the depth
+filter of `federation.units.filter_pdus_for_valid_depth` that comes before it
+on the `/event` and `/backfill` paths): `unsigned` is cut down to what a remote
+server may set, `depth` must be an integer in range, the room version's own
+rules apply (strict canonical JSON; MSC4291 rooms: no create event in
+`auth_events`). Synapse's own code is called for this, not a copy of it, so the
+outcome for every event is the one Synapse's federation path gives.
+
+Numbers: Synapse parses federation JSON with the standard library (`/send`,
+`/event`): a number with a fraction or an exponent becomes a float and an
+integer of any size an int, and in room versions with strict canonical JSON
+both a float and an integer out of range get the event refused. The streamed
+`/state` parser hands over non-integers as `Decimal` instead (see
+`resync.stream`), and `check_chunk` turns them into the float the standard
+library would have made (a `Decimal` is refused by strict canonical JSON just
+as a float is, so this matters only for the older room versions).
+
+What needs the reactor (the spam checker's and the policy server's verdicts,
+which Synapse asks for in `FederationBase._check_sigs_and_hash` right after the
+content hash) is `run_spam_checks`, to be awaited on the reactor thread with
+the result of `check_chunk`.
 """
 
 import logging
-from typing import AbstractSet, Any, Mapping, NamedTuple
+from decimal import Decimal
+from typing import TYPE_CHECKING, AbstractSet, Any, Mapping, NamedTuple
 
 import attr
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 
-from synapse.api.constants import EventTypes, Membership
+from synapse.api.constants import CANONICALJSON_MAX_INT, CANONICALJSON_MIN_INT, EventTypes, Membership
 from synapse.api.room_versions import EventFormatVersions, RoomVersion
 from synapse.crypto.event_signing import check_event_content_hash
-from synapse.events import EventBase, make_event_from_dict
+from synapse.events import EventBase
 from synapse.events.utils import prune_event
+from synapse.federation.federation_base import event_from_pdu_json
 from synapse.types import get_domain_from_id
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +97,30 @@ class CheckResult:
     (not fetched yet, or expired): to be tried again, never taken as forged."""
 
     malformed: int = 0
-    """Items that could not be parsed as events of this room version."""
+    """Items that are not valid PDUs of this room version (what Synapse's
+    `event_from_pdu_json` refuses: bad or missing depth, floats or integers
+    out of range under strict canonical JSON, the create event in an MSC4291
+    room's auth_events, anything that is not an event at all)."""
+
+    malformed_reasons: list[str] = attr.Factory(list)
+    """Why, for the first few of `malformed` (for the logs)."""
+
+    hash_redacted: set[str] = attr.Factory(set)
+    """Ids of the events of `accepted` redacted for a content hash mismatch:
+    Synapse asks neither the policy server nor the spam checker about those."""
+
+    policy_refused: int = 0
+    """Set by `run_spam_checks`: events the room's policy server did not
+    allow (kept, soft-failed, as Synapse keeps them)."""
+
+    spam: int = 0
+    """Set by `run_spam_checks`: events a spam checker called spam (kept
+    redacted and soft-failed, as Synapse keeps them)."""
+
+    def _malformed(self, reason: str) -> None:
+        self.malformed += 1
+        if len(self.malformed_reasons) < 5:
+            self.malformed_reasons.append(reason)
 
 
 def signing_servers(pdu: Mapping[str, Any], room_version: RoomVersion) -> set[str]:
@@ -139,8 +190,12 @@ def check_chunk(
     promised: AbstractSet[str],
     missing: AbstractSet[str],
     keys: KeyMap,
+    received_time: int | None = None,
 ) -> CheckResult:
     """Check a chunk of raw events. Runs in a worker thread.
+
+    The dicts are changed in place (Synapse's `event_from_pdu_json` strips
+    their `unsigned`); the caller must not use them afterwards.
 
     Args:
         pdus: raw event dicts as received.
@@ -150,15 +205,23 @@ def check_chunk(
             `unwanted` and dropped.
         missing: those of them not stored yet; the others are skipped unchecked.
         keys: every key the caller could fetch for the chunk's signers.
+        received_time: as for Synapse's `event_from_pdu_json`: when the events
+            were received (ms), to turn an `unsigned.age` into `age_ts`; with
+            None (what Synapse does for events it pulls with `/event` or
+            `/backfill`), `age` is dropped.
+
+    Returns:
+        What became of the chunk. Events in `accepted` still have to go
+        through `run_spam_checks` on the reactor thread.
     """
     result = CheckResult()
     seen: set[str] = set()
     for pdu in pdus:
         try:
-            event = make_event_from_dict(pdu, room_version)
+            event = parse_pdu(pdu, room_version, received_time)
             event_id = event.event_id
-        except Exception:
-            result.malformed += 1
+        except Exception as e:
+            result._malformed(f"{type(e).__name__}: {e}")
             continue
         if event_id not in promised or event_id in seen or event.room_id != room_id:
             result.unwanted += 1
@@ -177,8 +240,97 @@ def check_chunk(
         if not check_event_content_hash(event):
             event = prune_event(event)
             result.redacted += 1
+            result.hash_redacted.add(event_id)
         result.accepted.append(event)
     return result
+
+
+def parse_pdu(pdu: Any, room_version: RoomVersion, received_time: int | None = None) -> EventBase:
+    """Build an event from a PDU received over federation, exactly as Synapse
+    does on its `/event` and `/backfill` paths (the depth filter, then
+    `event_from_pdu_json`), after turning the stream parser's `Decimal`s into
+    the floats the standard library's JSON parser gives.
+
+    Changes `pdu` in place.
+
+    Raises:
+        Exception: the PDU is not valid for this room version (Synapse drops it).
+    """
+    if not isinstance(pdu, dict):
+        raise ValueError("not a JSON object")
+    if not room_version.strict_canonicaljson:
+        # Under strict canonical JSON a Decimal is refused just as a float
+        # would be; only the older room versions take floats.
+        _decimals_to_floats(pdu)
+    # `filter_pdus_for_valid_depth`: an event whose depth is missing or out of
+    # canonical JSON's integer range is dropped before anything else (a depth
+    # that cannot be compared makes Synapse's whole request fail).
+    if "depth" not in pdu or not CANONICALJSON_MIN_INT <= pdu["depth"] <= CANONICALJSON_MAX_INT:
+        raise ValueError(f"depth {pdu.get('depth')!r} missing or out of range")
+    return event_from_pdu_json(pdu, room_version, received_time=received_time)
+
+
+def _decimals_to_floats(value: Any) -> Any:
+    """Replace, in place, every Decimal in a parsed JSON value by the float the
+    standard library's parser would have made of the same text; returns the
+    new value for a bare Decimal."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, (Decimal, dict, list)):
+                value[k] = _decimals_to_floats(v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if isinstance(v, (Decimal, dict, list)):
+                value[i] = _decimals_to_floats(v)
+    return value
+
+
+async def run_spam_checks(hs: "HomeServer", result: CheckResult) -> None:
+    """The rest of Synapse's `FederationBase._check_sigs_and_hash` for the
+    events `check_chunk` accepted: the room's policy server, then the spam
+    checkers. Runs on the reactor thread (both may do I/O).
+
+    As in Synapse, an event redacted for its content hash is asked about by
+    neither; an event the policy server does not allow is soft-failed (and
+    marked `policy_server_spammy`) but kept whole; an event a spam checker
+    calls spam is redacted and soft-failed (and marked
+    `spam_checker_spammy`). `result.accepted` is updated in place.
+
+    The room's policy server is looked up once per call rather than once per
+    event: with none configured (nearly every room), Synapse's per-event
+    answer is "allowed" for every event, so nothing is asked.
+    """
+    if not result.accepted:
+        return
+    spam_checker = hs.get_module_api_callbacks().spam_checker
+    policy_handler = hs.get_room_policy_handler()
+    ask_spam_checker = bool(spam_checker._check_event_for_spam_callbacks)
+    room_ids = {event.room_id for event in result.accepted}
+    with_policy_server = {
+        room_id for room_id in room_ids if await policy_handler._get_policy_server(room_id) is not None
+    }
+    if not ask_spam_checker and not with_policy_server:
+        return
+    for i, event in enumerate(result.accepted):
+        if event.event_id in result.hash_redacted:
+            continue
+        if event.room_id in with_policy_server and not await policy_handler.is_event_allowed(event):
+            logger.warning("Event not allowed by policy server, soft-failing %s", event.event_id)
+            event.internal_metadata.soft_failed = True
+            event.internal_metadata.policy_server_spammy = True
+            result.policy_refused += 1
+        if not ask_spam_checker:
+            continue
+        verdict = await spam_checker.check_event_for_spam(event)
+        if verdict != spam_checker.NOT_SPAM:
+            logger.warning("Event contains spam, soft-failing %s", event.event_id)
+            redacted = prune_event(event)
+            redacted.internal_metadata.soft_failed = True
+            redacted.internal_metadata.spam_checker_spammy = True
+            result.accepted[i] = redacted
+            result.spam += 1
 
 
 def _check_signatures(

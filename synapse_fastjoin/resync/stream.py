@@ -71,8 +71,17 @@ class StateBodyReader(Protocol):
         self._idle: IDelayedCall | None = None
         # Two C-level item parsers over the same bytes: the state, then the
         # auth chain (ijson's items parser follows one prefix).
+        #
+        # Numbers: not `use_float=True` (what Synapse's own /state parser
+        # uses): with it, yajl fails the whole body on one integer beyond 64
+        # bits or one float beyond a double's range, so a single hostile event
+        # would cost every other one. Without it integers come as ints of any
+        # size and other numbers as Decimals, which `checks.check_chunk` judges
+        # exactly as Synapse judges what its standard-library JSON parser made
+        # of them on `/send` and `/event` (refused under strict canonical
+        # JSON, floats otherwise).
         self._parsers = [
-            ijson.items_coro(_Collector(self._buffer), prefix, use_float=True)
+            ijson.items_coro(_Collector(self._buffer), prefix, use_float=False)
             for prefix in ("pdus.item", "auth_chain.item")
         ]
 
