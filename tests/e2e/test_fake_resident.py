@@ -27,8 +27,10 @@ def trusting(resident: FakeResident) -> dict:
     [
         RoomSpec(members=300, servers=25, history=10, room_version="10"),
         RoomSpec(members=120, servers=7, history=6, room_version="11", named=False),
+        RoomSpec(members=300, servers=25, history=10, room_version="12"),
+        RoomSpec(members=120, servers=7, history=6, room_version="12", named=False),
     ],
-    ids=["v10-named", "v11-nameless"],
+    ids=["v10-named", "v11-nameless", "v12-named", "v12-nameless"],
 )
 @pytest.mark.parametrize("full_join_only", [False, True], ids=["partial", "full"])
 @pytest_twisted.ensureDeferred

@@ -3,6 +3,7 @@ real HTTPS on loopback."""
 
 import json
 
+import attr
 import pytest
 import pytest_twisted
 import treq
@@ -19,12 +20,13 @@ from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
 SPEC = RoomSpec(members=60, servers=6, history=4)
+"""Room version 12, the default; every test runs on a version 10 room too."""
 F = "/_matrix/federation/v1"
 
 
-@pytest.fixture
-def resident(tls_files, tmp_path):
-    room = load_or_generate(SPEC, tmp_path / "rooms")
+@pytest.fixture(params=["12", "10"], ids=["v12", "v10"])
+def resident(request, tls_files, tmp_path):
+    room = load_or_generate(attr.evolve(SPEC, room_version=request.param), tmp_path / "rooms")
     r = FakeResident(room, tls_files, personas=2)
     r.start()
     yield r

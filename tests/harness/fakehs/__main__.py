@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--servers", type=int, required=True)
         p.add_argument("--history", type=int, default=40)
         p.add_argument("--moderators", type=int, default=4)
-        p.add_argument("--room-version", default="10")
+        p.add_argument("--room-version", default="12")
         p.add_argument("--nameless", action="store_true")
         p.add_argument("--cache-dir", type=Path)
         if name == "serve":

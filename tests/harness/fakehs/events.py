@@ -13,7 +13,7 @@ from synapse.crypto.event_signing import redact_event_dict
 
 from tests.harness.fakehs.keys import signing_key
 
-SUPPORTED_ROOM_VERSIONS = ("10", "11")
+SUPPORTED_ROOM_VERSIONS = ("10", "11", "12")
 
 _NOT_HASHED = ("signatures", "unsigned", "hashes")
 

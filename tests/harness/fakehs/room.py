@@ -12,12 +12,18 @@ traffic, events received from the joining server) may fork it; the state this
 fake computes is then the last-writer-wins union of the state events among an
 event's ancestors, which is the real state unless two branches change the same
 state key, something the scenarios here never do.
+
+Room versions 10, 11 and 12 (the default, as in Synapse 1.163). In 12 (MSC4291,
+MSC4289) the room id is `!` + the create event's id (the create event has no
+`room_id` and is never listed in `auth_events`), and the creator's power comes
+from being the creator: the power levels do not list them.
 """
 
 import json
 import logging
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -29,7 +35,7 @@ from tests.harness.fakehs.events import finalise_event, room_version
 logger = logging.getLogger(__name__)
 
 # Bump when the generator's output changes, so stale caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 ORIGIN = "hq.fake"
 """The server name of the room's creator and moderators."""
@@ -50,7 +56,7 @@ class RoomSpec:
     history: int = 40
     """Historical power-level and topic changes before the members join."""
     moderators: int = 4
-    room_version: str = "10"
+    room_version: str = "12"
     named: bool = True
     """Give the room a name and topic; a nameless room makes residents send heroes."""
 
@@ -69,6 +75,9 @@ class RoomSpec:
 
     @property
     def room_id(self) -> str:
+        if room_version(self.room_version).msc4291_room_ids_as_hashes:
+            # MSC4291: the create event's id, as a room id.
+            return "!" + _create_event(self)[0][1:]
         return f"!{self.cache_name}:{ORIGIN}"
 
     @property
@@ -182,7 +191,6 @@ class Room:
         depth = max((self.by_id[p].depth for p in prev), default=0) + 1
         event: dict[str, Any] = {
             "type": event_type,
-            "room_id": self.room_id,
             "sender": sender,
             "content": content,
             "origin_server_ts": origin_server_ts or int(time.time() * 1000),
@@ -192,6 +200,9 @@ class Room:
         }
         if state_key is not None:
             event["state_key"] = state_key
+        if not (event_type == "m.room.create" and self.version.msc4291_room_ids_as_hashes):
+            # MSC4291: the create event has no room id; its id is the room's.
+            event["room_id"] = self.room_id
         event_id = finalise_event(self.version, event, sender.split(":", 1)[1])
         stored = StoredEvent.from_dict(event_id, event)
         self.add(stored)
@@ -203,7 +214,10 @@ class Room:
         """The auth events the auth rules select for a new event, from the current state."""
         if event_type == "m.room.create":
             return []
-        wanted: list[StateKey] = [("m.room.create", ""), ("m.room.power_levels", "")]
+        wanted: list[StateKey] = [("m.room.power_levels", "")]
+        if not self.version.msc4291_room_ids_as_hashes:
+            # MSC4291: the create event is implied by the room id, never listed.
+            wanted.insert(0, ("m.room.create", ""))
         wanted.append(("m.room.member", sender))
         if event_type == "m.room.member":
             assert state_key is not None
@@ -280,14 +294,21 @@ def _generate_into(room: Room) -> None:
         return room.create_event(sender, event_type, content, state_key, next(ts))
 
     creator = spec.creator
-    create_content: dict[str, Any] = {"room_version": spec.room_version}
-    if spec.room_version == "10":
-        create_content["creator"] = creator
-    create(creator, "m.room.create", create_content, "")
+    create_event_id, create_event = _create_event(spec)
+    stored = room.create_event(
+        creator, "m.room.create", create_event["content"], "", create_event["origin_server_ts"]
+    )
+    assert stored.event_id == create_event_id
+    next(ts)
     create(creator, "m.room.member", {"membership": "join", "displayname": "Creator"}, creator)
     moderators = [spec.moderator(i) for i in range(spec.moderators)]
+    users = {m: 50 for m in moderators}
+    if not room.version.msc4289_creator_power_enabled:
+        users = {creator: 100, **users}
+    # else MSC4289: creators have infinite power, and the power levels must
+    # not list them.
     power_levels: dict[str, Any] = {
-        "users": {creator: 100, **{m: 50 for m in moderators}},
+        "users": users,
         "users_default": 0,
         "events_default": 0,
         "state_default": 50,
@@ -315,6 +336,33 @@ def _generate_into(room: Room) -> None:
     for i in range(spec.members):
         user = spec.member(i)
         create(user, "m.room.member", {"membership": "join", "displayname": f"User {i}"}, user)
+
+
+@lru_cache(maxsize=64)
+def _create_event(spec: RoomSpec) -> tuple[str, dict[str, Any]]:
+    """The room's create event (deterministic, so the room id of an MSC4291
+    room is known without generating the room) and its id."""
+    content: dict[str, Any] = {"room_version": spec.room_version}
+    version = room_version(spec.room_version)
+    if not version.implicit_room_creator:
+        content["creator"] = spec.creator
+    if version.msc4291_room_ids_as_hashes:
+        # The room id is the create event's hash: keep rooms of different
+        # specs apart.
+        content["org.example.generated"] = spec.cache_name
+    event: dict[str, Any] = {
+        "type": "m.room.create",
+        "state_key": "",
+        "sender": spec.creator,
+        "content": content,
+        "origin_server_ts": _BASE_TS,
+        "depth": 1,
+        "prev_events": [],
+        "auth_events": [],
+    }
+    if not version.msc4291_room_ids_as_hashes:
+        event["room_id"] = spec.room_id
+    return finalise_event(version, event, ORIGIN), event
 
 
 def _cache_dir() -> Path:
