@@ -31,15 +31,34 @@ class ResyncConfig:
     check_threads: int = 2
     """Worker threads for signature and hash checks."""
 
+    fetch_method: str = "auto"
+    """How missing state events are fetched: `auto` picks whichever of one
+    streamed /state or one /event per missing event costs less (by how many
+    are missing against how many /state would send); `state` or `events`
+    force one."""
+
     event_fetch_threshold: int = 2000
-    """Fetch missing events one by one (/event, from several servers at once)
-    when at most this many are missing; stream /state otherwise."""
+    """Never fetch more than this many missing events one by one with /event
+    (`auto` streams /state above it)."""
 
     event_fetch_concurrency: int = 20
-    """/event requests in flight at once."""
+    """/event requests in flight at once (a queue: no batch waits for its
+    slowest request)."""
+
+    hedge_seconds: float = 2.0
+    """How long the best server has to answer /state_ids or /event before the
+    next one is asked as well (the first answer wins); /event hedges sooner
+    when servers answer quickly (4x the median answer time), /state later
+    (5x: a resident computes a big room's state before it starts sending)."""
 
     parallel_servers: int = 3
-    """How many servers /event requests are spread over."""
+    """At most this many servers asked at once for the same thing (the
+    hedges of one request); a request unanswered for four hedge delays no
+    longer counts (a server that never answers does not hold a place)."""
+
+    servers_per_attempt: int = 20
+    """How many servers one request may try, best first, before the attempt
+    counts as failed (and the resync backs off and tries again)."""
 
     park_limit: int = 20000
     """Events held while their auth events have not arrived; past this they
@@ -76,6 +95,11 @@ class FastJoinConfig:
     history_prune_interval_minutes: int = 60
     """How often expired history rows are deleted."""
 
+    client_wait_timeout_seconds: int = 30
+    """How long a client request may wait for a partial-state room's full
+    state before it gets an error (403 ORG.MATRIX.MSC3895_UNABLE_DUE_TO_PARTIAL_STATE);
+    0 waits for ever, as Synapse does."""
+
     resync: ResyncConfig = attr.Factory(ResyncConfig)
 
 
@@ -100,6 +124,25 @@ def _int(key: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _number(key: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"'{key}' must be a number, not {value!r}", path=_CONFIG_PATH + (key,))
+    if value < minimum:
+        raise ConfigError(
+            f"'{key}' must be at least {minimum}, not {value}", path=_CONFIG_PATH + (key,)
+        )
+    return float(value)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"'{key}' must be one of {', '.join(choices)}, not {value!r}",
+            path=_CONFIG_PATH + (key,),
+        )
+    return str(value)
+
+
 _RESYNC_PATH = _CONFIG_PATH + ("resync",)
 
 _RESYNC_PARSERS = {
@@ -107,7 +150,10 @@ _RESYNC_PARSERS = {
     "chunk_size": lambda key, v: _int(key, v, 10),
     "persist_batch_size": lambda key, v: _int(key, v, 1),
     "check_threads": lambda key, v: _int(key, v, 1),
+    "fetch_method": lambda key, v: _choice(key, v, ("auto", "state", "events")),
     "event_fetch_threshold": lambda key, v: _int(key, v, 0),
+    "hedge_seconds": lambda key, v: _number(key, v, 0.05),
+    "servers_per_attempt": lambda key, v: _int(key, v, 1),
     "event_fetch_concurrency": lambda key, v: _int(key, v, 1),
     "parallel_servers": lambda key, v: _int(key, v, 1),
     "park_limit": lambda key, v: _int(key, v, 0),
@@ -154,6 +200,7 @@ _PARSERS = {
     "admin_api": lambda key, v: _bool(key, v),
     "history_retention_days": lambda key, v: _int(key, v, 0),
     "history_prune_interval_minutes": lambda key, v: _int(key, v, 1),
+    "client_wait_timeout_seconds": lambda key, v: _int(key, v, 0),
 }
 
 

@@ -172,12 +172,19 @@ def interesting_log_lines(server: SynapseServer, limit: int = 40) -> list[str]:
     return lines[:limit // 2] + (["..."] if len(lines) > limit else []) + lines[-limit // 2:]
 
 
-def run_one(args: argparse.Namespace, spec: RoomSpec, db: str, traffic: float, variant: str, workdir: Path) -> dict[str, Any]:
+def run_one(
+    args: argparse.Namespace, spec: RoomSpec, db: str, traffic: float, variant: str, workdir: Path,
+    dead: float = 0.0, kinds: str = "-",
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "variant": variant, "db": db, "members": spec.members, "servers": spec.servers,
-        "traffic": traffic, "ok": False,
+        "traffic": traffic, "dead": dead, "kinds": kinds, "ok": False,
     }
-    fake = FakeResidentProcess(spec, workdir / "fake", full_join_only=(variant == "stock-full"), python=sys.executable)
+    fake = FakeResidentProcess(
+        spec, workdir / "fake", full_join_only=(variant == "stock-full"), python=sys.executable,
+        dead_fraction=dead, dead_kinds=None if kinds in ("-", "mixed") else kinds.split("+"),
+        slow_dns_seconds=args.slow_dns_seconds,
+    )
     joiner: SynapseServer | None = None
     try:
         fake.start()
@@ -186,6 +193,7 @@ def run_one(args: argparse.Namespace, spec: RoomSpec, db: str, traffic: float, v
             workdir / "joiner", variant="patched" if variant == "patched" else "stock", db=db,
             config=config, name=f"joiner-{variant}",
             postgres=PostgresAdmin.from_env() if db == "postgres" else None,
+            netsim_table=fake.netsim_table,
         )
         joiner.start()
         _, token = joiner.register_user("bench")
@@ -261,12 +269,13 @@ def median(values: list[float]) -> float | None:
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["db"], r["members"], r["servers"], r["traffic"], r["variant"]), []).append(r)
+        groups.setdefault((r["db"], r["members"], r["servers"], r["traffic"], r.get("dead", 0.0),
+                           r.get("kinds", "-"), r["variant"]), []).append(r)
     rows = []
-    for (db, n, s, traffic, variant), runs in groups.items():
+    for (db, n, s, traffic, dead, kinds, variant), runs in groups.items():
         ok = [r for r in runs if r["ok"]]
-        row: dict[str, Any] = {"db": db, "members": n, "servers": s, "traffic": traffic, "variant": variant,
-                               "runs": len(runs), "ok": len(ok)}
+        row: dict[str, Any] = {"db": db, "members": n, "servers": s, "traffic": traffic, "dead": dead,
+                               "kinds": kinds, "variant": variant, "runs": len(runs), "ok": len(ok)}
         for key in ("t_join", "t_full", "t_members", "peak_rss_to_full_mb", "peak_rss_mb", "cpu_s", "latency_p50_ms",
                     "latency_p99_ms", "latency_max_ms", "live_injected", "live_persisted"):
             row[key] = median([r[key] for r in ok if r.get(key) is not None])
@@ -275,7 +284,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(row)
     for row in rows:
         base = next((b for b in rows if b["variant"] == "stock" and all(
-            b[k] == row[k] for k in ("db", "members", "servers", "traffic"))), None)
+            b[k] == row[k] for k in ("db", "members", "servers", "traffic", "dead", "kinds"))), None)
         if base and base["t_full"] and row["t_full"]:
             row["t_full_speedup_vs_stock"] = base["t_full"] / row["t_full"]
     return rows
@@ -303,6 +312,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {fmt(r.get('t_full_speedup_vs_stock'), '.2f')} | {fmt(r['t_members'])} | {fmt(r.get('peak_rss_to_full_mb'), '.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
             f"| {fmt(r['cpu_s'])} | {fmt(r['latency_p50_ms'], '.0f')} | {fmt(r['latency_p99_ms'], '.0f')} "
             f"| {fmt(r['latency_max_ms'], '.0f')} | {live} | {fmt(r['members_match'])} | {fmt(r['state_match'])} |"
+        )
+    return "\n".join(lines)
+
+
+def grid_table(rows: list[dict[str, Any]]) -> str:
+    """One line per cell: stock and patched side by side."""
+    head = ("| db | N | S | dead | kinds | stock T_full s | patched T_full s | × stock | ok (stock/patched) "
+            "| state = |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    cells = sorted({(r["db"], r["members"], r["servers"], r["dead"], r["kinds"]) for r in rows})
+    for cell in cells:
+        by = {r["variant"]: r for r in rows
+              if (r["db"], r["members"], r["servers"], r["dead"], r["kinds"]) == cell}
+        st, pa = by.get("stock", {}), by.get("patched", {})
+        ratio = st.get("t_full") / pa["t_full"] if st.get("t_full") and pa.get("t_full") else None
+        lines.append(
+            f"| {cell[0]} | {cell[1]:,} | {cell[2]:,} | {cell[3]:.0%} | {cell[4]} | {fmt(st.get('t_full'), '.2f')} "
+            f"| {fmt(pa.get('t_full'), '.2f')} | {fmt(ratio, '.2f')} "
+            f"| {st.get('ok', 0)}/{st.get('runs', 0)} {pa.get('ok', 0)}/{pa.get('runs', 0)} "
+            f"| {fmt(pa.get('state_match'))} |"
         )
     return "\n".join(lines)
 
@@ -350,8 +379,9 @@ def write_outputs(
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown_table(rows) + "\n")
-    if final:
+    table = grid_table(rows) if args.grid else markdown_table(rows)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    if final and not args.grid:
         plot(rows, args.out.with_suffix(".png"))
     return rows
 
@@ -359,7 +389,18 @@ def write_outputs(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000,200000", help="room sizes N (comma-separated)")
-    parser.add_argument("--servers", type=int, default=1000, help="server names S the members are spread over")
+    parser.add_argument("--servers", default="1000",
+                        help="server names S the members are spread over (comma-separated)")
+    parser.add_argument("--dead", default="0",
+                        help="share of the room's other servers that are dead (comma-separated, e.g. 0,0.5,0.99)")
+    parser.add_argument("--dead-kinds", default="mixed",
+                        help="how the dead servers fail, one run each (comma-separated): mixed (every kind "
+                             "in turn) or a kind (nxdomain_slow, refuse, hang, error5xx, notfound404, partial), "
+                             "or kinds joined with +")
+    parser.add_argument("--slow-dns-seconds", type=float, default=3.0,
+                        help="how long a lookup of a dead name takes (nxdomain_slow)")
+    parser.add_argument("--grid", action="store_true",
+                        help="write the stock-vs-patched table per cell (N, S, dead, kinds)")
     parser.add_argument("--traffic", default="0", help="live events per second during the resync (comma-separated)")
     parser.add_argument("--state-every", type=int, default=0, help="every Nth live event is a topic change")
     parser.add_argument("--db", default="sqlite", help="sqlite, postgres or both (comma-separated)")
@@ -380,6 +421,9 @@ def main() -> int:
         return 0
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    server_counts = [int(s) for s in args.servers.split(",")]
+    deads = [float(d) for d in args.dead.split(",")]
+    kind_sets = args.dead_kinds.split(",")
     traffics = [float(t) for t in args.traffic.split(",")]
     dbs = args.db.split(",")
     variants = args.variants.split(",")
@@ -387,21 +431,25 @@ def main() -> int:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v}")
     for n in sizes:
-        log(f"Preparing the generated room of {n:,} members over {args.servers:,} servers ...")
-        load_or_generate(RoomSpec(members=n, servers=args.servers))
+        for s in server_counts:
+            log(f"Preparing the generated room of {n:,} members over {s:,} servers ...")
+            load_or_generate(RoomSpec(members=n, servers=s))
 
     results: list[dict[str, Any]] = []
     started = time.time()
     for db in dbs:
         for traffic in traffics:
-            for n in sizes:
-                spec = RoomSpec(members=n, servers=args.servers)
+            cells = [(n, s, dead, kinds) for n in sizes for s in server_counts for dead in deads
+                     for kinds in (kind_sets if dead else ["-"])]
+            for n, s, dead, kinds in cells:
+                spec = RoomSpec(members=n, servers=s)
                 for repeat in range(args.repeats):
                     # Interleave the variants so that drifts of a noisy machine hit all alike.
                     for variant in variants:
                         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
-                        log(f"{db} N={n:,} traffic={traffic:g}/s {variant} (run {repeat + 1}/{args.repeats}) ...")
-                        r = run_one(args, spec, db, traffic, variant, workdir)
+                        log(f"{db} N={n:,} S={s:,} dead={dead:.0%} ({kinds}) traffic={traffic:g}/s {variant}"
+                            f" (run {repeat + 1}/{args.repeats}) ...")
+                        r = run_one(args, spec, db, traffic, variant, workdir, dead, kinds)
                         r["repeat"] = repeat
                         results.append(r)
                         if r["ok"]:
@@ -416,7 +464,7 @@ def main() -> int:
                         write_outputs(args, results, started, final=False)
     rows = write_outputs(args, results, started, final=True)
     print()
-    print(markdown_table(rows))
+    print(grid_table(rows) if args.grid else markdown_table(rows))
     log(f"Wrote {args.out}.json, .md and .png")
     return 0 if all(r["ok"] for r in results) else 1
 

@@ -23,12 +23,13 @@ we lack, build the state map) without its limits:
 
 import collections
 import logging
-from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterable, TypeVar
+import time
+from typing import TYPE_CHECKING, Any, AbstractSet, Iterable, TypeVar
 
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
-from synapse.api.errors import AuthError, EventSizeError, HttpResponseException
+from synapse.api.errors import AuthError, EventSizeError
 from synapse.api.room_versions import RoomVersion
 from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS, _FetchKeyRequest
 from synapse.event_auth import (
@@ -36,7 +37,7 @@ from synapse.event_auth import (
     check_state_independent_auth_rules,
     validate_event_for_room_version,
 )
-from synapse.events import EventBase
+from synapse.events import EventBase, make_event_from_dict
 from synapse.events.snapshot import EventContext
 from synapse.http.matrixfederationclient import MatrixFederationRequest
 from synapse.logging.context import (
@@ -61,6 +62,7 @@ from synapse_fastjoin.resync.progress import (
     PHASE_STATE_IDS,
     ResyncProgress,
 )
+from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered, NotFound
 from synapse_fastjoin.resync.stream import StateBodyReader
 
 if TYPE_CHECKING:
@@ -73,58 +75,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class NoServerAnswered(Exception):
-    """Every server we tried failed; the caller backs off and tries again."""
-
-
-class Destinations:
-    """The servers a resync may ask, and which to ask next.
-
-    The server that last answered (at first the one we joined through) is
-    always asked first; after it, `per_attempt` others in turn, a different
-    few on every attempt, so a room whose state names thousands of servers (most
-    of them unreachable) does not make one attempt try them all.
-    """
-
-    def __init__(self, own_server_name: str, per_attempt: int) -> None:
-        self._own = own_server_name
-        self._per_attempt = max(1, per_attempt)
-        self._all: list[str] = []
-        self._known: set[str] = set()
-        self._good: str | None = None
-        self._offset = 0
-
-    def add(self, servers: Iterable[str | None], good: bool = False) -> int:
-        """Add servers (in order); returns how many were new."""
-        added = 0
-        for server in servers:
-            if server and server != self._own and server not in self._known:
-                self._known.add(server)
-                self._all.append(server)
-                added += 1
-            if good and server and server != self._own and self._good is None:
-                self._good = server
-        return added
-
-    def __len__(self) -> int:
-        return len(self._all)
-
-    def candidates(self) -> list[str]:
-        """Whom to ask in this attempt, in order."""
-        out = [self._good] if self._good else []
-        others = [d for d in self._all if d != self._good]
-        for i in range(min(self._per_attempt, len(others))):
-            out.append(others[(self._offset + i) % len(others)])
-        return out
-
-    def answered(self, server: str) -> None:
-        self._good = server
-
-    def advance(self) -> None:
-        """Every candidate failed: try the next few next time."""
-        self._offset += self._per_attempt
-
-
 class StateFetcher:
     """Fetches the state of one room; one instance per resync run."""
 
@@ -134,7 +84,7 @@ class StateFetcher:
         config: "ResyncConfig",
         room_id: str,
         room_version: RoomVersion,
-        destinations: Destinations,
+        destinations: FetchPolicy,
         progress: ResyncProgress,
         threadpool: ThreadPool,
     ) -> None:
@@ -175,9 +125,11 @@ class StateFetcher:
             NoServerAnswered: no server could give us what we need this time.
         """
         self._progress.set_phase(PHASE_STATE_IDS)
-        state_ids, auth_ids = await self._with_failover(
-            "state_ids",
+        await self._destinations.refresh()
+        _, (state_ids, auth_ids) = await self._destinations.race(
+            "/state_ids",
             lambda dest: self._get_state_ids(dest, event_id),
+            on_attempt=self._attempting,
         )
         promised = set(state_ids)
         promised.update(auth_ids)
@@ -265,6 +217,7 @@ class StateFetcher:
         rounds_without_progress = 0
         while self._missing:
             before = len(self._missing)
+            before_missing = set(self._missing)
             complete_round = False
             # Keys that could not be fetched are asked for again each round.
             self._keys_tried.clear()
@@ -272,11 +225,17 @@ class StateFetcher:
             # /state is the state *before* the event: the event itself always
             # comes from /event.
             in_state = len(self._missing - {at_event_id})
-            if in_state and in_state > self._config.event_fetch_threshold:
+            if in_state and self._state_is_cheaper(in_state):
                 self._progress.set_phase(PHASE_STATE)
-                complete_round = await self._with_failover(
-                    "state", lambda dest: self._stream_state(dest, at_event_id)
-                )
+                await self._destinations.refresh()
+                try:
+                    complete_round = await self._stream_state_from_best(at_event_id)
+                except NoServerAnswered:
+                    if self._missing == before_missing:
+                        raise
+                    # A stream broke off part-way: keep what it brought, and
+                    # go round again for the rest.
+                    complete_round = False
             else:
                 self._progress.set_phase(PHASE_EVENTS)
                 complete_round = await self._fetch_events_individually()
@@ -316,18 +275,83 @@ class StateFetcher:
                 raise NoServerAnswered("no server served the missing events")
         return set()
 
+    def _state_is_cheaper(self, missing: int) -> bool:
+        """Whether to stream /state (everything the state and auth chain hold,
+        most of it perhaps stored already) rather than ask /event for each
+        missing event: by their estimated cost to this server, which is what
+        the two differ in (the missing events cost the same either way)."""
+        method = self._config.fetch_method
+        if method != "auto":
+            return method == "state"
+        if missing > self._config.event_fetch_threshold:
+            return True
+        surplus = max(0, len(self._promised) - missing)
+        return missing * _EVENT_REQUEST_MS > _STATE_REQUEST_MS + surplus * _STATE_ITEM_MS
+
+    def _attempting(self, server: str) -> None:
+        self._progress.destination = server
+
     # /state, streamed.
 
-    async def _stream_state(self, destination: str, at_event_id: str) -> bool:
-        request = MatrixFederationRequest(
-            method="GET",
-            destination=destination,
-            path=f"/_matrix/federation/v1/state/{_quote(self._room_id)}",
-            query={"event_id": at_event_id},
-        )
-        response = await self._http._send_request(
-            request, timeout=self._config.request_timeout_seconds * 1000, ignore_backoff=True
-        )
+    async def _stream_state_from_best(self, at_event_id: str) -> bool:
+        """Stream /state from the first server whose response starts (hedged
+        over the ranked servers). A stream that breaks off sets its server
+        aside; what it brought is kept.
+
+        Raises:
+            NoServerAnswered: no server's response started, or the stream broke.
+        """
+
+        async def open_response(destination: str) -> Any:
+            request = MatrixFederationRequest(
+                method="GET",
+                destination=destination,
+                path=f"/_matrix/federation/v1/state/{_quote(self._room_id)}",
+                query={"event_id": at_event_id},
+            )
+            return await self._http._send_request(
+                request, timeout=self._config.request_timeout_seconds * 1000, ignore_backoff=True
+            )
+
+        broken: list[str] = []
+        while True:
+            try:
+                destination, response = await self._destinations.race(
+                    "/state",
+                    open_response,
+                    hedge_seconds=5 * self._config.hedge_seconds,
+                    on_attempt=self._attempting,
+                )
+            except NotFound as e:
+                raise NoServerAnswered(str(e)) from None
+            except NoServerAnswered:
+                if broken:
+                    raise NoServerAnswered(
+                        f"/state broke off from {len(broken)} servers (last: {broken[-1]})"
+                    ) from None
+                raise
+            self._progress.destination = destination
+            try:
+                return await self._stream_state(destination, response)
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                # Keep what it brought; ask the next server for the rest at once.
+                self._destinations.failed(destination, f"{type(e).__name__}: {e}")
+                self._progress.last_error = f"/state from {destination}: {type(e).__name__}: {e}"
+                logger.warning(
+                    "Resync of %s: /state from %s broke off: %s: %s",
+                    self._room_id, destination, type(e).__name__, e,
+                )
+                broken.append(destination)
+                await self._destinations.refresh()
+                if len(broken) >= self._config.servers_per_attempt:
+                    raise NoServerAnswered(f"/state from {destination}: {type(e).__name__}: {e}") from e
+                await self._drain_parked(final=False)
+                if not self._missing - {at_event_id}:
+                    return True
+
+    async def _stream_state(self, destination: str, response: Any) -> bool:
         logcontext = current_context()
 
         inflight: list["defer.Deferred[None]"] = []
@@ -341,18 +365,22 @@ class StateFetcher:
             return d
 
         promised_count = len(self._promised)
+        def on_data(items: int, nbytes: int) -> None:
+            self._progress.fetched += items
+            self._progress.bytes_received += nbytes
+
         reader = StateBodyReader(
             on_chunk,
             self._reactor,
             chunk_size=self._config.chunk_size,
             max_items=promised_count + max(1000, promised_count // 10),
             idle_timeout=self._config.request_timeout_seconds,
+            on_data=on_data,
         )
         response.deliverBody(reader)
         try:
             await make_deferred_yieldable(reader.done)
         finally:
-            self._progress.bytes_received += reader.bytes
             # Whatever happened, let the chunks already handed on finish
             # (their events are kept) before the round ends.
             await make_deferred_yieldable(
@@ -361,7 +389,6 @@ class StateFetcher:
         return True
 
     async def _take_chunk(self, chunk: list[dict[str, Any]], reader: StateBodyReader | None) -> None:
-        self._progress.fetched += len(chunk)
         result = await self._check(chunk)
         if reader is not None:
             reader.unwanted += result.unwanted + result.malformed
@@ -448,58 +475,86 @@ class StateFetcher:
     # /event, spread over several servers.
 
     async def _fetch_events_individually(self) -> bool:
-        """Fetch each missing event with /event, from several servers at once.
-        Returns whether every event was answered by some server (found or not)."""
-        destinations = self._destinations.candidates()
-        if not destinations:
-            raise NoServerAnswered("no server to ask")
-        wanted = sorted(self._missing)
+        """Fetch each missing event with /event: `event_fetch_concurrency`
+        requests in flight from a queue (no batch waits for its slowest),
+        each hedged over the ranked servers. Events go on to be checked and
+        persisted as they arrive, in small chunks.
+
+        Returns whether every event was answered by some server (found, or
+        said not to exist)."""
+        await self._destinations.refresh()
+        if not len(self._destinations):
+            raise NoServerAnswered("no other server is known to be in the room")
+        queue = sorted(self._missing)
+        total = len(queue)
         pdus: list[dict[str, Any]] = []
-        concurrency = self._config.event_fetch_concurrency
-        servers = destinations[: self._config.parallel_servers]
+        flushing: list["defer.Deferred[None]"] = []
+        answered: set[str] = set()
+        latencies: list[float] = []
+        flush_at = max(1, min(self._config.chunk_size, _EVENT_FLUSH))
 
-        async def get_one(index: int, event_id: str) -> None:
-            order = servers[index % len(servers):] + servers[: index % len(servers)]
-            for dest in order:
-                self._progress.destination = dest
-                try:
-                    doc = await self._http.get_json(
-                        dest,
-                        path=f"/_matrix/federation/v1/event/{_quote(event_id)}",
-                        timeout=self._config.request_timeout_seconds * 1000,
-                        ignore_backoff=True,
-                    )
-                except HttpResponseException as e:
-                    logger.info("Resync of %s: /event %s from %s: %s", self._room_id, event_id, dest, e)
-                    if e.code == 404:
-                        # A definite answer: that server does not have it.
-                        not_found.add(event_id)
-                    continue
-                except Exception as e:
-                    logger.info("Resync of %s: /event %s from %s failed: %s", self._room_id, event_id, dest, e)
-                    continue
-                served.add(event_id)
-                found = doc.get("pdus") if isinstance(doc, dict) else None
-                if isinstance(found, list):
-                    pdus.extend(p for p in found[:1] if isinstance(p, dict))
-                return
+        def hedge() -> float:
+            # Quick servers get hedged quickly; never later than configured.
+            if len(latencies) < 5:
+                return self._config.hedge_seconds
+            recent = sorted(latencies[-50:])
+            return min(self._config.hedge_seconds, max(0.2, 4 * recent[len(recent) // 2]))
 
-        not_found: set[str] = set()
-        served: set[str] = set()
-
-        for batch in batch_iter(list(enumerate(wanted)), concurrency):
-            await make_deferred_yieldable(
-                defer.gatherResults(
-                    [run_in_background(get_one, i, e) for i, e in batch], consumeErrors=True
-                )
-            )
-            if len(pdus) >= self._config.chunk_size:
+        def flush() -> None:
+            nonlocal pdus
+            if pdus:
                 chunk, pdus = pdus, []
-                await self._take_chunk(chunk, None)
-        if pdus:
-            await self._take_chunk(pdus, None)
+                flushing.append(run_in_background(self._take_chunk, chunk, None))
+
+        async def get_one(event_id: str) -> None:
+            async def ask(dest: str) -> dict[str, Any]:
+                started = time.monotonic()
+                doc = await self._http.get_json(
+                    dest,
+                    path=f"/_matrix/federation/v1/event/{_quote(event_id)}",
+                    timeout=self._config.request_timeout_seconds * 1000,
+                    ignore_backoff=True,
+                )
+                found = doc.get("pdus") if isinstance(doc, dict) else None
+                if not isinstance(found, list) or len(found) != 1 or not isinstance(found[0], dict):
+                    raise BadAnswer(f"/event {event_id}: no single event in the answer")
+                if found[0].get("room_id") != self._room_id:
+                    raise BadAnswer(f"/event {event_id}: an event of another room")
+                try:
+                    served_id = make_event_from_dict(found[0], self._room_version).event_id
+                except Exception as e:
+                    raise BadAnswer(f"/event {event_id}: not an event: {e}") from None
+                if served_id != event_id:
+                    raise BadAnswer(f"/event {event_id}: served {served_id} instead")
+                latencies.append(time.monotonic() - started)
+                return found[0]
+
+            try:
+                _, pdu = await self._destinations.race(f"/event {event_id}", ask, hedge_seconds=hedge())
+            except NotFound:
+                answered.add(event_id)
+                return
+            except NoServerAnswered as e:
+                self._progress.last_error = str(e)[:300]
+                return
+            answered.add(event_id)
+            self._progress.fetched += 1
+            pdus.append(pdu)
+            if len(pdus) >= flush_at:
+                flush()
+
+        async def worker() -> None:
+            while queue:
+                await get_one(queue.pop())
+
+        workers = min(self._config.event_fetch_concurrency, total)
+        await make_deferred_yieldable(
+            defer.gatherResults([run_in_background(worker) for _ in range(workers)], consumeErrors=True)
+        )
+        flush()
+        await make_deferred_yieldable(defer.gatherResults(flushing, consumeErrors=True))
         # Complete if every event was served, or said not to exist, by someone.
-        return len(served | not_found) == len(wanted)
+        return len(answered) == total
 
     # Auth and persistence.
 
@@ -658,37 +713,20 @@ class StateFetcher:
             )
         return found
 
-    async def _with_failover(self, what: str, call: Callable[[str], Awaitable[T]]) -> T:
-        """Try `call` against this attempt's candidates in turn; raise
-        NoServerAnswered (with the last error) if all fail."""
-        destinations = self._destinations.candidates()
-        if not destinations:
-            raise NoServerAnswered("no other server is known to be in the room")
-        last_error: Exception | None = None
-        for dest in destinations:
-            self._progress.destination = dest
-            try:
-                result = await call(dest)
-                self._destinations.answered(dest)
-                return result
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                last_error = e
-                self._progress.retries += 1
-                self._progress.last_error = f"{what} from {dest}: {type(e).__name__}: {e}"
-                logger.warning(
-                    "Resync of %s: %s from %s failed: %s: %s",
-                    self._room_id,
-                    what,
-                    dest,
-                    type(e).__name__,
-                    e,
-                )
-        self._destinations.advance()
-        raise NoServerAnswered(
-            f"{what}: {len(destinations)} servers failed; last error: {last_error}"
-        )
+class BadAnswer(Exception):
+    """A server answered with something other than what was asked for."""
+
+
+# Estimated cost to this server, in ms, of what /state and /event differ in:
+# an /event request (client, TLS, JSON and logging overhead), a /state
+# request, and each item /state sends that we hold already (transfer, parse,
+# skip). Measured roughly on the benchmark's joiner; only their ratios matter.
+_EVENT_REQUEST_MS = 1.5
+_STATE_REQUEST_MS = 50.0
+_STATE_ITEM_MS = 0.03
+# Events fetched with /event are checked and persisted in chunks this big, so
+# progress moves while they arrive.
+_EVENT_FLUSH = 100
 
 
 def _quote(s: str) -> str:

@@ -50,6 +50,7 @@ class StateBodyReader(Protocol):
         max_item_bytes: int = 256 * 1024,
         max_pending: int = 3,
         idle_timeout: float = 120.0,
+        on_data: Callable[[int, int], None] | None = None,
     ) -> None:
         self._on_chunk = on_chunk
         self._reactor = reactor
@@ -58,6 +59,8 @@ class StateBodyReader(Protocol):
         self._max_item_bytes = max_item_bytes
         self._max_pending = max_pending
         self._idle_timeout = idle_timeout
+        self._on_data = on_data
+        """Told (items completed, bytes) as data arrives: progress that moves."""
         self.done: "defer.Deferred[int]" = defer.Deferred()
         self.items = 0
         self.bytes = 0
@@ -103,6 +106,8 @@ class StateBodyReader(Protocol):
             self._abort(f"the body is not valid JSON: {e}")
             return
         completed = len(self._buffer) - before
+        if self._on_data is not None:
+            self._on_data(completed, len(data))
         if completed:
             self.items += completed
             self._bytes_since_item = 0

@@ -75,6 +75,9 @@ logger = logging.getLogger(__name__)
 
 #: Root of the synapse-fastjoin checkout (``tests/harness/synapse.py`` -> repo).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The launcher that gives each server its network (see netsim.py); run as a
+# script, so a stock server still cannot import anything from the checkout.
+NETSIM = Path(__file__).resolve().parent / "netsim.py"
 
 _VENV_ENV = {"stock": "FASTJOIN_STOCK_VENV", "patched": "FASTJOIN_PATCHED_VENV"}
 
@@ -347,6 +350,11 @@ class SynapseServer:
             over plain HTTP, for a server behind a TLS-terminating proxy.
         public_port: the port in the server name, when other servers reach this
             one through a proxy on that port (default: the federation port).
+        netsim_table: the network this server sees (tests/harness/netsim.py):
+            which names resolve, to what, how fast. The file may be written
+            or changed after the start. Default: ``netsim.json`` in the data
+            dir, if any; without one, names under ``.fake`` and ``.invalid``
+            do not exist and every other name goes to the system resolver.
     """
 
     def __init__(
@@ -363,6 +371,7 @@ class SynapseServer:
         start_timeout: float = 60.0,
         federation_tls: bool = True,
         public_port: int | None = None,
+        netsim_table: Path | None = None,
     ) -> None:
         if db not in ("sqlite", "postgres"):
             raise ValueError(f"unknown database backend {db!r}; use 'sqlite' or 'postgres'")
@@ -384,6 +393,7 @@ class SynapseServer:
         self.passwords: dict[str, str] = {}
 
         self.tls = tls or generate_self_signed(self.data_dir / "tls")
+        self.netsim_table = Path(netsim_table) if netsim_table else self.data_dir / "netsim.json"
         self.config_path = self.data_dir / "homeserver.yaml"
         self.log_config_path = self.data_dir / "log.yaml"
         self.log_path = self.data_dir / "homeserver.log"
@@ -663,7 +673,15 @@ class SynapseServer:
                 p: _file_size(p) for p in (self.stdout_path, self.stderr_path, self.log_path)
             }
             self._proc = subprocess.Popen(
-                [str(self.python), "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+                [
+                    str(self.python),
+                    str(NETSIM),
+                    str(self.netsim_table),
+                    "-m",
+                    "synapse.app.homeserver",
+                    "-c",
+                    str(self.config_path),
+                ],
                 cwd=str(self.data_dir),
                 env=self._env(),
                 stdin=subprocess.DEVNULL,

@@ -236,20 +236,4 @@ def test_reader_gives_up_on_a_silent_server():
     assert errors and "no data for 30 s" in str(errors[0].value)
 
 
-# Which servers a resync asks.
-
-
-def test_destinations_ask_the_good_server_first_then_a_few_others_in_turn():
-    from synapse_fastjoin.resync.fetch import Destinations
-
-    d = Destinations("me.test", per_attempt=2)
-    d.add(["via.test"], good=True)
-    assert d.add(["a.test", "b.test", "me.test", "c.test", "a.test"]) == 3
-    assert len(d) == 4  # never ourselves, no duplicates
-    assert d.candidates() == ["via.test", "a.test", "b.test"]
-    d.advance()
-    assert d.candidates() == ["via.test", "c.test", "a.test"]
-    d.answered("c.test")
-    # The server that answered comes first; the former first choice is now
-    # one of the others, asked in turn.
-    assert d.candidates() == ["c.test", "b.test", "via.test"]
+# Which servers a resync asks: tests/unit/test_fetch_policy.py

@@ -23,7 +23,8 @@ from twisted.web.server import Request, Site
 
 from tests.harness.certs import TLSFiles, generate_self_signed
 from tests.harness.fakehs.room import RoomSpec, load_or_generate
-from tests.harness.fakehs.server import FakeResident, Rule
+from tests.harness.fakehs.server import DEAD_KINDS, FakeResident, Rule
+from tests.harness.fakehs.world import plan_world
 
 
 class _Control(Resource):
@@ -53,7 +54,12 @@ class _Control(Resource):
                 "server_names": [p.server_name for p in r.personas],
                 "room_id": r.room.room_id,
                 "room_version": r.room.spec.room_version,
+                "world": r.world,
+                "netsim_table": str(r.netsim_table) if r.netsim_table else None,
             }
+        if (method, path) == ("POST", "/world"):
+            r.set_world({str(k): str(v) for k, v in body.items()})
+            return {"world": r.world}
         if (method, path) == ("GET", "/stats"):
             return r.stats()
         if (method, path) == ("POST", "/rules"):
@@ -116,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--personas", type=int, default=1)
             p.add_argument("--full-join-only", action="store_true")
             p.add_argument("--log-file", type=Path)
+            p.add_argument("--dead-fraction", type=float, default=0.0,
+                           help="share of the room's other servers that are dead")
+            p.add_argument("--dead-kinds", default=",".join(DEAD_KINDS),
+                           help=f"comma-separated dead kinds, given out in turn (default: all of {DEAD_KINDS})")
+            p.add_argument("--server-kind", action="append", default=[], metavar="NAME=KIND",
+                           help="how one server behaves (after --dead-fraction)")
+            p.add_argument("--slow-dns-seconds", type=float, default=3.0)
+            p.add_argument("--netsim-table", type=Path,
+                           help="write the joining server's network table here (tests/harness/netsim.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -129,7 +144,19 @@ def main(argv: list[str] | None = None) -> int:
 
     cert, key = args.tls_dir / "tls.crt", args.tls_dir / "tls.key"
     tls = TLSFiles(cert, key) if cert.exists() else generate_self_signed(args.tls_dir)
-    resident = FakeResident(room, tls, personas=args.personas, full_join_only=args.full_join_only)
+    overrides = dict(item.split("=", 1) for item in args.server_kind)
+    world = plan_world(
+        room.spec, args.dead_fraction, [k for k in args.dead_kinds.split(",") if k], overrides
+    )
+    resident = FakeResident(
+        room,
+        tls,
+        personas=args.personas,
+        full_join_only=args.full_join_only,
+        world=world,
+        netsim_table=args.netsim_table,
+        slow_dns_seconds=args.slow_dns_seconds,
+    )
     names = resident.start()
     site = Site(_Control(resident))
     site.noisy = False
@@ -137,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ready = {
         "server_names": names,
         "room_id": room.room_id,
+        "netsim_table": str(args.netsim_table) if args.netsim_table else None,
         "control_url": f"http://127.0.0.1:{control.getHost().port}",
         "pid": os.getpid(),
     }

@@ -8,7 +8,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tests.harness.fakehs.keys import KEY_ID, verify_key_base64
 from tests.harness.fakehs.room import RoomSpec
@@ -33,6 +33,10 @@ class FakeResidentProcess:
         personas: int = 1,
         full_join_only: bool = False,
         python: str | None = None,
+        dead_fraction: float = 0.0,
+        dead_kinds: Sequence[str] | None = None,
+        server_kinds: dict[str, str] | None = None,
+        slow_dns_seconds: float = 3.0,
     ) -> None:
         self.spec = spec
         self.workdir = Path(workdir)
@@ -41,6 +45,12 @@ class FakeResidentProcess:
         self.full_join_only = full_join_only
         self.python = python or sys.executable
         self.log_path = self.workdir / "fakehs.log"
+        self.dead_fraction = dead_fraction
+        self.dead_kinds = list(dead_kinds) if dead_kinds else None
+        self.server_kinds = dict(server_kinds or {})
+        self.slow_dns_seconds = slow_dns_seconds
+        self.netsim_table = self.workdir / "netsim.json"
+        """The network table for a joining Synapse (`SynapseServer(netsim_table=...)`)."""
         self._proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
 
@@ -54,7 +64,14 @@ class FakeResidentProcess:
             "--room-version", self.spec.room_version,
             "--tls-dir", str(self.workdir / "tls"), "--ready-file", str(ready),
             "--personas", str(self.personas), "--log-file", str(self.log_path),
+            "--dead-fraction", str(self.dead_fraction),
+            "--slow-dns-seconds", str(self.slow_dns_seconds),
+            "--netsim-table", str(self.netsim_table),
         ]
+        if self.dead_kinds:
+            args += ["--dead-kinds", ",".join(self.dead_kinds)]
+        for name, kind in self.server_kinds.items():
+            args += ["--server-kind", f"{name}={kind}"]
         if not self.spec.named:
             args.append("--nameless")
         if self.full_join_only:
@@ -122,6 +139,14 @@ class FakeResidentProcess:
 
     def stats(self) -> dict[str, Any]:
         return self.control("GET", "/stats")
+
+    def world(self) -> dict[str, str]:
+        """Every other server of the room and how it behaves."""
+        return self.control("GET", "/info")["world"]
+
+    def set_world(self, kinds: dict[str, str]) -> dict[str, str]:
+        """Switch some served servers to another served kind (see server.py)."""
+        return self.control("POST", "/world", kinds)["world"]
 
     def stop(self, timeout: float = 20.0) -> None:
         if self._proc is None or self._proc.poll() is not None:

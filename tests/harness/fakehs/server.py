@@ -7,14 +7,17 @@ with its own port, server name (`localhost:<port>`) and key, so that a joining
 server has other servers in the room to fall back to.
 """
 
+import hashlib
 import io
 import itertools
+import os
 import json
 import logging
 import random
 import re
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any, Callable, Pattern
 
 import attr
@@ -23,6 +26,7 @@ from canonicaljson import encode_canonical_json
 from signedjson.sign import sign_json
 from twisted.internet import defer, reactor as default_reactor, ssl
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import FileSender
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -41,8 +45,17 @@ logger = logging.getLogger(__name__)
 # Bodies larger than this are streamed with a producer (see `_write`).
 _STREAM_ABOVE = 1024 * 1024
 
-ACTIONS = ("hold", "fail", "delay", "cut", "truncate", "malformed", "oversize", "endless", "forge")
-FORGE_MODES = ("bad_signature", "bad_hash", "extra_events")
+ACTIONS = (
+    "hold", "fail", "delay", "cut", "stall", "truncate", "malformed", "oversize", "endless", "forge",
+)
+FORGE_MODES = ("bad_signature", "bad_hash", "extra_events", "other_event", "empty")
+
+# How the room's other servers behave (see `FakeResident`'s `world`). The
+# first three are the DNS's doing (tests/harness/netsim.py), the rest ours.
+NETSIM_KINDS = ("nxdomain", "nxdomain_slow", "refuse")
+SERVED_KINDS = ("live", "hang", "error5xx", "notfound404", "partial")
+DEAD_KINDS = ("nxdomain_slow", "refuse", "hang", "error5xx", "notfound404", "partial")
+WORLD_KINDS = NETSIM_KINDS + SERVED_KINDS
 
 
 class HTTPError(Exception):
@@ -56,12 +69,15 @@ class HTTPError(Exception):
 class Rule:
     """A misbehaviour applied to requests whose path matches `path`.
 
-    `times` limits how many requests it applies to (None: until removed).
+    `times` limits how many requests it applies to (None: until removed);
+    `server`, to the requests addressed to that one of the servers we play
+    (None: all of them).
     """
 
     action: str
     path: str
     times: int | None = None
+    server: str | None = None
     status: int = 500
     seconds: float = 0.0
     after_bytes: int = 0
@@ -89,10 +105,21 @@ class _NoVerifyTLS:
 
 
 class _Persona:
-    def __init__(self, port: IListeningPort) -> None:
+    def __init__(self, port: IListeningPort | None, server_name: str | None = None) -> None:
         self.port = port
-        self.server_name = f"localhost:{port.getHost().port}"
+        if server_name is None:
+            assert port is not None
+            server_name = f"localhost:{port.getHost().port}"
+        self.server_name = server_name
         self.user_id = f"@resident:{self.server_name}"
+
+
+class _Silent(Protocol):
+    """Accepts a connection and says nothing, ever: the costly kind of dead
+    server (the caller waits for its own timeout)."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        pass
 
 
 class FakeResident:
@@ -104,6 +131,17 @@ class FakeResident:
         personas: how many residents of the room to play (each its own port).
         full_join_only: ignore `omit_members` and always answer `/send_join`
             with the full state, like a resident that does not do MSC3706.
+        world: how each other server of the room (by name: the room's own
+            server names, or any) behaves, one of `WORLD_KINDS`:
+            `live` serves the room as a resident does; `error5xx` and
+            `notfound404` answer every request so; `partial` serves every
+            other event and cuts `/state` half-way; `hang` accepts connections
+            and never answers; `nxdomain`, `nxdomain_slow` and `refuse` are
+            names the joining server cannot reach (no server of ours).
+            The served kinds share one port, told apart by the Host header.
+        netsim_table: where to write the table that tells a joining Synapse
+            started through tests/harness/netsim.py how to reach `world`.
+        slow_dns_seconds: how long an `nxdomain_slow` lookup takes.
     """
 
     def __init__(
@@ -113,7 +151,19 @@ class FakeResident:
         personas: int = 1,
         full_join_only: bool = False,
         reactor: Any = default_reactor,
+        world: dict[str, str] | None = None,
+        netsim_table: Path | None = None,
+        slow_dns_seconds: float = 3.0,
     ) -> None:
+        unknown = {k for k in (world or {}).values() if k not in WORLD_KINDS}
+        if unknown:
+            raise ValueError(f"unknown server kinds {sorted(unknown)}; use {WORLD_KINDS}")
+        self.world: dict[str, str] = dict(world or {})
+        self.netsim_table = netsim_table
+        self.slow_dns_seconds = slow_dns_seconds
+        self._world_personas: dict[str, _Persona] = {}
+        self._world_port: IListeningPort | None = None
+        self._hang_port: IListeningPort | None = None
         self.room = room
         self.tls = tls
         self.persona_count = personas
@@ -129,6 +179,7 @@ class FakeResident:
         self.bytes_served: dict[str, int] = {}
         self.requests_per_endpoint: dict[str, int] = {}
         self.unknown_routes: list[str] = []
+        self.requests_per_server: dict[str, int] = {}
         self.joined_servers: list[str] = []
         """Servers that joined through us: where live traffic is pushed."""
         self.injected: list[str] = []
@@ -159,13 +210,61 @@ class FakeResident:
                 {"membership": "join", "displayname": "Resident"},
                 persona.user_id,
             )
+        kinds = set(self.world.values())
+        if kinds & (set(SERVED_KINDS) - {"hang"}):
+            site = Site(_WorldDispatcher(self))
+            site.noisy = False
+            self._world_port = self.reactor.listenSSL(0, site, cert.options(), interface="127.0.0.1")
+        if "hang" in kinds:
+            self._hang_port = self.reactor.listenTCP(
+                0, Factory.forProtocol(_Silent), interface="127.0.0.1"
+            )
+        self._key_servers.update(self.world)
+        if self.netsim_table is not None:
+            self.write_netsim_table(self.netsim_table)
         return [p.server_name for p in self.personas]
+
+    def netsim_names(self) -> dict[str, dict[str, Any]]:
+        """How a joining server reaches each server of `world` (netsim.py's table)."""
+        names: dict[str, dict[str, Any]] = {}
+        for name, kind in self.world.items():
+            host = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+            if kind == "nxdomain_slow":
+                names[host] = {"kind": kind, "delay": self.slow_dns_seconds}
+            elif kind in NETSIM_KINDS:
+                names[host] = {"kind": kind}
+            elif kind == "hang":
+                assert self._hang_port is not None
+                names[host] = {"kind": "address", "port": self._hang_port.getHost().port}
+            else:
+                assert self._world_port is not None
+                names[host] = {"kind": "address", "port": self._world_port.getHost().port}
+        return names
+
+    def write_netsim_table(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"names": self.netsim_names()}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def set_world(self, world: dict[str, str]) -> None:
+        """Change how some servers behave from now on (served kinds only: a
+        name's DNS kind is fixed once the joining server has the table)."""
+        for name, kind in world.items():
+            if kind not in SERVED_KINDS or self.world.get(name) not in SERVED_KINDS:
+                raise ValueError(f"{name}: can only switch between {SERVED_KINDS}")
+            if kind == "hang" or self.world[name] == "hang":
+                raise ValueError(f"{name}: 'hang' uses its own port; it cannot be switched")
+            self.world[name] = kind
 
     async def stop(self) -> None:
         self.stop_injecting()
         self.release()
         for persona in self.personas:
+            assert persona.port is not None
             await persona.port.stopListening()
+        for port in (self._world_port, self._hang_port):
+            if port is not None:
+                await port.stopListening()
 
     @property
     def server_name(self) -> str:
@@ -199,8 +298,10 @@ class FakeResident:
         """How many requests are being held right now."""
         return len(self._held)
 
-    def _rule_for(self, path: str, actions: tuple[str, ...]) -> Rule | None:
+    def _rule_for(self, path: str, actions: tuple[str, ...], server: str | None = None) -> Rule | None:
         for rule in self.rules:
+            if rule.server is not None and rule.server != server:
+                continue
             if rule.action in actions and rule.pattern.search(path):
                 if rule.times is not None:
                     rule.times -= 1
@@ -250,6 +351,7 @@ class FakeResident:
         return {
             "bytes_served": dict(self.bytes_served),
             "requests": dict(self.requests_per_endpoint),
+            "requests_per_server": dict(self.requests_per_server),
             "unknown_routes": list(self.unknown_routes),
             "received_pdus": len(self.received_pdus),
             "received_edus": len(self.received_edus),
@@ -267,11 +369,24 @@ class FakeResident:
         method = request.method.decode()
         endpoint, handler, args = self._route(method, path)
         self.requests_per_endpoint[endpoint] = self.requests_per_endpoint.get(endpoint, 0) + 1
+        server = persona.server_name
+        self.requests_per_server[server] = self.requests_per_server.get(server, 0) + 1
+        kind = self.world.get(server, "live")
+        if kind in ("error5xx", "notfound404"):
+            code = 502 if kind == "error5xx" else 404
+            errcode = "M_UNKNOWN" if kind == "error5xx" else "M_NOT_FOUND"
+            self._write(request, endpoint, path, code,
+                        encode_canonical_json({"errcode": errcode, "error": f"{server} is {kind}"}))
+            return
+        if kind == "partial" and endpoint == "event" and args and _serves_not(args[0]):
+            self._write(request, endpoint, path, 404,
+                        encode_canonical_json({"errcode": "M_NOT_FOUND", "error": "not here"}))
+            return
 
         def go() -> None:
             if request.finished or getattr(request, "_disconnected", False):
                 return
-            fail = self._rule_for(path, ("fail",))
+            fail = self._rule_for(path, ("fail",), server)
             if fail is not None:
                 body = encode_canonical_json({"errcode": "M_UNKNOWN", "error": "fake failure"})
                 self._write(request, endpoint, path, fail.status, body)
@@ -283,14 +398,16 @@ class FakeResident:
             except Exception as e:  # a bug in the fake: say so loudly
                 logger.exception("fake resident failed on %s %s", method, path)
                 code, body = 500, encode_canonical_json({"errcode": "M_UNKNOWN", "error": str(e)})
-            self._respond(request, endpoint, path, code, body)
+            if kind == "partial" and endpoint == "state" and code == 200:
+                body = body[: len(body) // 2]
+            self._respond(request, endpoint, path, code, body, server)
 
-        hold = self._rule_for(path, ("hold",))
+        hold = self._rule_for(path, ("hold",), server)
         if hold is not None:
-            logger.info("holding %s %s", method, path)
+            logger.info("holding %s %s for %s", method, path, server)
             self._held.append((hold, go))
             return
-        delay = self._rule_for(path, ("delay",))
+        delay = self._rule_for(path, ("delay",), server)
         if delay is not None:
             self.reactor.callLater(delay.seconds, go)
             return
@@ -309,10 +426,21 @@ class FakeResident:
 
         return "unknown", unknown, ()
 
-    def _respond(self, request: Request, endpoint: str, path: str, code: int, body: bytes) -> None:
-        rule = self._rule_for(path, ("cut", "truncate", "malformed", "oversize", "endless", "forge"))
+    def _respond(
+        self, request: Request, endpoint: str, path: str, code: int, body: bytes, server: str | None = None
+    ) -> None:
+        rule = self._rule_for(
+            path, ("cut", "stall", "truncate", "malformed", "oversize", "endless", "forge"), server
+        )
         if rule is None or code != 200:
             self._write(request, endpoint, path, code, body)
+        elif rule.action == "stall":
+            # Headers and the first bytes, then nothing more, ever.
+            request.setResponseCode(code)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", str(len(body)).encode())
+            request.write(body[: rule.after_bytes])
+            self._count(endpoint, rule.after_bytes)
         elif rule.action == "cut":
             request.setResponseCode(code)
             request.setHeader(b"Content-Type", b"application/json")
@@ -366,7 +494,15 @@ class FakeResident:
         the state does not contain are added."""
         doc = json.loads(body)
         lists = [k for k in ("pdus", "state", "auth_chain") if isinstance(doc.get(k), list)]
-        if mode == "extra_events":
+        if mode == "empty":
+            for key in lists:
+                doc[key] = []
+        elif mode == "other_event":
+            # Each event replaced by another event of the room (signed and
+            # valid in itself, but not the one asked for).
+            for key in lists:
+                doc[key] = [self.room.events[1].as_dict() for _ in doc[key]]
+        elif mode == "extra_events":
             spec = self.room.spec
             extra = []
             for i in range(10):
@@ -423,6 +559,35 @@ class _Dispatcher(Resource):
         assert self.persona is not None
         self.resident.handle(self.persona, request)
         return NOT_DONE_YET
+
+
+class _WorldDispatcher(Resource):
+    """The port every served server of the `world` shares: the Host header
+    says which server a request is for."""
+
+    isLeaf = True
+
+    def __init__(self, resident: FakeResident) -> None:
+        super().__init__()
+        self.resident = resident
+
+    def render(self, request: Request):
+        request.notifyFinish().addErrback(lambda _: setattr(request, "_disconnected", True))
+        host = (request.getHeader(b"host") or b"").decode("ascii", "replace")
+        name = host if host in self.resident.world else host.rsplit(":", 1)[0]
+        if name not in self.resident.world:
+            request.setResponseCode(421)
+            return encode_canonical_json({"errcode": "M_UNKNOWN", "error": f"not {host}"})
+        persona = self.resident._world_personas.get(name)
+        if persona is None:
+            persona = self.resident._world_personas[name] = _Persona(None, name)
+        self.resident.handle(persona, request)
+        return NOT_DONE_YET
+
+
+def _serves_not(event_id: str) -> bool:
+    """Which events a `partial` server does not have: about half, fixed per id."""
+    return hashlib.sha256(event_id.encode()).digest()[0] % 2 == 1
 
 
 class _EndlessBody:
