@@ -29,19 +29,24 @@ finds; a rejoin starts a new resync).
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
 from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
-from synapse.logging.context import nested_logging_context
+from synapse.logging.context import (
+    PreserveLoggingContext,
+    make_deferred_yieldable,
+    nested_logging_context,
+)
 from synapse.state import StateResolutionStore
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 from synapse.util.duration import Duration
 
-from synapse_fastjoin.resync.fetch import Destinations, NoServerAnswered, StateFetcher
+from synapse_fastjoin.resync.fetch import StateFetcher
+from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.resync.progress import (
     PHASE_CATCHUP,
     PHASE_DONE,
@@ -69,6 +74,23 @@ class RoomLeft(Exception):
     """No local user is in the room any more: there is nothing to resync for."""
 
 
+# Phases in which an abort lets the run stop by itself at its next event (it
+# is writing to the database), for at most this long, before cancelling it.
+_COOPERATIVE_PHASES = (PHASE_RESOLVING, PHASE_CATCHUP, PHASE_FINISHING)
+_COOPERATIVE_ABORT_SECONDS = 60
+
+
+class _Running:
+    """A room's resync running in this process: its `_RoomResync`, the
+    Deferred of its run (cancelled by `abort`), and whether it was aborted."""
+
+    def __init__(self, run: "_RoomResync") -> None:
+        self.run = run
+        self.task: "defer.Deferred[None] | None" = None
+        self.aborted = False
+        self.ended: "defer.Deferred[None]" = defer.Deferred()
+
+
 class ResyncEngine:
     """One per homeserver (main process); runs one `_RoomResync` per room."""
 
@@ -77,6 +99,9 @@ class ResyncEngine:
         self._config = config
         self._store = store
         self.progress: dict[str, ResyncProgress] = {}
+        # Called with a run's progress when the run ends (the metrics).
+        self.run_observers: list[Callable[[ResyncProgress], None]] = []
+        self._running: dict[str, _Running] = {}
         reactor = hs.get_reactor()
         self._threadpool = ThreadPool(
             minthreads=1, maxthreads=config.check_threads, name="fastjoin-checks"
@@ -106,7 +131,7 @@ class ResyncEngine:
                 checkpoint.get("phase"),
                 checkpoint.get("persisted"),
             )
-            progress.retries = int(checkpoint.get("retries") or 0)
+            progress.retries = progress.retries_before = int(checkpoint.get("retries") or 0)
         run = _RoomResync(self._hs, self._config, self._store, self._threadpool, room_id, progress)
         run.add_destinations(initial_destination, other_destinations)
         logger_call = self._hs.get_clock().looping_call(
@@ -115,12 +140,92 @@ class ResyncEngine:
             "fastjoin_resync_progress",
             run.log_and_checkpoint,
         )
+        running = _Running(run)
+        self._running[room_id] = running
         try:
-            await run.run()
+            running.task = defer.ensureDeferred(run.run())
+            try:
+                await running.task
+            except defer.CancelledError:
+                if not running.aborted:
+                    raise
+                # Ends normally, so Synapse's wrapper neither reports an error
+                # nor restarts it; the module records the abort.
+                logger.info("Resync of %s aborted by a server admin", room_id)
         finally:
             logger_call.stop()
-            await run.log_and_checkpoint()
+            if self._running.get(room_id) is running:
+                del self._running[room_id]
+            if not running.aborted:
+                await run.log_and_checkpoint()
             self.progress.pop(room_id, None)
+            for observe in self.run_observers:
+                observe(progress)
+            with PreserveLoggingContext():
+                running.ended.callback(None)
+
+    def is_running(self, room_id: str) -> bool:
+        """Whether a resync of `room_id` runs in this process now."""
+        return room_id in self._running
+
+    def wake(self, room_id: str, via: list[str]) -> bool:
+        """Ask `via` first from now on and, if the resync of `room_id` waits
+        to retry after a failure, retry now. Returns False if no resync of the
+        room runs in this process."""
+        running = self._running.get(room_id)
+        if running is None or running.aborted:
+            return False
+        running.run.wake(via)
+        return True
+
+    async def abort(self, room_id: str) -> bool:
+        """Stop the resync of `room_id` for good: cancel it wherever it is and
+        wait until it has ended (it returns normally to Synapse's wrapper).
+        Returns False if no resync of the room runs in this process."""
+        running = self._running.get(room_id)
+        if running is None:
+            return False
+        if not running.aborted:
+            running.aborted = True
+            running.run.abort()
+            if running.run.phase() in _COOPERATIVE_PHASES:
+                # Writing to the database: stop at the next event rather than
+                # cancel Synapse's code half-way (unless it takes too long).
+                await _first_of(self._hs, running.ended, _COOPERATIVE_ABORT_SECONDS)
+            if not running.ended.called and running.task is not None:
+                # The run resumes (with CancelledError) in its own context.
+                with PreserveLoggingContext():
+                    running.task.cancel()
+        await make_deferred_yieldable(_observe(running.ended))
+        return True
+
+
+async def _first_of(hs: "HomeServer", d: "defer.Deferred[None]", seconds: float) -> None:
+    """Wait until `d` fires or `seconds` pass."""
+    if d.called:
+        return
+    done: "defer.Deferred[None]" = defer.Deferred()
+
+    def fire(_: Any = None) -> None:
+        if not done.called:
+            done.callback(None)
+
+    d.addBoth(lambda r: (fire(), r)[1])
+    timer = hs.get_clock().call_later(Duration(seconds=seconds), fire)
+    try:
+        await make_deferred_yieldable(done)
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+def _observe(d: "defer.Deferred[None]") -> "defer.Deferred[None]":
+    """A Deferred that fires when `d` has (without consuming its result)."""
+    if d.called:
+        return defer.succeed(None)
+    out: "defer.Deferred[None]" = defer.Deferred()
+    d.addBoth(lambda r: (out.callback(None), r)[1])
+    return out
 
 
 class _RoomResync:
@@ -146,16 +251,67 @@ class _RoomResync:
         self._federation_event_handler = hs.get_federation_event_handler()
         self._state_handler = hs.get_state_handler()
         self._notifier = hs.get_notifier()
-        self._destinations = Destinations(hs.hostname, config.parallel_servers)
+        self._destinations = FetchPolicy(hs, config, room_id, store)
         self._backoff_level = 0
+        # Fired by `wake` to cut the backoff sleep short.
+        self._wakeup: "defer.Deferred[None] | None" = None
+        self._aborted = False
 
     # Destinations.
 
     def add_destinations(self, first: str | None, others: Collection[str]) -> None:
         # The server we joined through answered us: ask it first.
-        self._destinations.add([first], good=True)
+        self._destinations.add([first], answered=True)
         self._destinations.add(sorted(others))
         self._progress.servers_known = len(self._destinations)
+
+    def wake(self, via: list[str]) -> None:
+        """An admin asked for a retry now, through `via` first."""
+        if via:
+            self._destinations.prefer(via)
+            self._progress.servers_known = len(self._destinations)
+        self._backoff_level = 0
+        logger.info(
+            "Resync of %s: retry requested by a server admin%s",
+            self._room_id,
+            f", asking {via} first" if via else "",
+        )
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.called:
+            with PreserveLoggingContext():
+                wakeup.callback(None)
+
+    def abort(self) -> None:
+        """Stop for good, at the next event (or sooner: the engine may cancel
+        the run's task)."""
+        self._aborted = True
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.called:
+            with PreserveLoggingContext():
+                wakeup.callback(None)
+
+    def phase(self) -> str:
+        return self._progress.phase
+
+    async def _sleep_unless_woken(self, seconds: float) -> None:
+        """Sleep `seconds`, or until `wake` is called."""
+        wakeup: "defer.Deferred[None]" = defer.Deferred()
+        self._wakeup = wakeup
+
+        def expire() -> None:
+            if not wakeup.called:
+                wakeup.callback(None)
+
+        timer = self._clock.call_later(Duration(seconds=seconds), expire)
+        try:
+            await make_deferred_yieldable(wakeup)
+            if self._aborted:
+                raise defer.CancelledError()
+        finally:
+            if self._wakeup is wakeup:
+                self._wakeup = None
+            if timer.active():
+                timer.cancel()
 
     async def _refresh_destinations(self) -> None:
         """Add the servers the room's (partial) state shows as joined."""
@@ -181,10 +337,12 @@ class _RoomResync:
             "Resync of %s starts (synapse-fastjoin engine), %d servers to ask: %s",
             self._room_id,
             len(self._destinations),
-            self._destinations.candidates(),
+            self._destinations.describe(),
         )
         while True:
             try:
+                if self._aborted:
+                    raise defer.CancelledError()
                 if not await self._main.is_partial_state_room(self._room_id):
                     logger.info(
                         "Resync of %s: the room is not partial-state any more", self._room_id
@@ -198,6 +356,9 @@ class _RoomResync:
             except defer.CancelledError:
                 raise
             except Exception as e:
+                if self._aborted:
+                    # Code that took the cancellation for a failed request.
+                    raise defer.CancelledError() from e
                 try:
                     await self._after_failure(e)
                 except RoomLeft:
@@ -220,6 +381,7 @@ class _RoomResync:
         if not joined:
             raise RoomLeft() from error
         self._progress.retries += 1
+        self._progress.count_failure(error)
         self._progress.last_error = f"{type(error).__name__}: {error}"
         if isinstance(error, NoServerAnswered):
             logger.warning("Resync of %s: %s", self._room_id, error)
@@ -236,13 +398,15 @@ class _RoomResync:
         self._progress.set_phase(PHASE_WAITING)
         logger.info("Resync of %s: next attempt in %.0f s", self._room_id, delay)
         await self._checkpoint()
-        await self._clock.sleep(Duration(seconds=delay))
+        await self._sleep_unless_woken(delay)
         self._progress.next_retry_ts = None
 
     async def _one_pass(self) -> bool:
         """Bring every partial-state event up to full state, then finish.
         Returns True once the room is done; False to go round again."""
         self._progress.set_phase(PHASE_STARTING)
+        # Servers that failed in the last attempt get another chance.
+        self._destinations.new_round()
         while True:
             batch = await self._partial_state_events_in_order()
             self._progress.catchup_remaining = len(batch)
@@ -251,6 +415,8 @@ class _RoomResync:
             progressed = False
             i = 0
             while i < len(batch):
+                if self._aborted:
+                    raise defer.CancelledError()
                 if not await self._main.is_partial_state_room(self._room_id):
                     return True
                 # Runs of events whose parents are stored with full state (or
@@ -494,6 +660,7 @@ class _RoomResync:
         await self._checkpoint()
 
     async def _checkpoint(self) -> None:
+        await self._destinations.save()
         try:
             await self._fastjoin_store.save_checkpoint(self._room_id, self._progress.as_json())
         except Exception:

@@ -21,6 +21,50 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# Fields kept for the logs and the metrics only: not in `as_json` (the admin
+# API and the checkpoint).
+_INTERNAL = {"internal": True}
+
+
+class RateTracker:
+    """Events per second between two progress lines, smoothed, for the rate
+    and ETA of the progress line."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None
+        self._key: tuple[str, int] | None = None
+        self._base = 0
+        self.rate: float | None = None
+
+    def update(self, key: tuple[str, int], done: int, now: float | None = None) -> int:
+        """Record that `done` events are done in the stage `key`; returns how
+        many of them were done since the stage began (a new `/state_ids`
+        round, or catch-up, starts a new stage and resets the rate)."""
+        now = time.monotonic() if now is None else now
+        if key != self._key:
+            # A new stage: what was done before it does not count towards it.
+            self._base = done if self._key is not None else 0
+            self._key = key
+            self._last = None
+            self.rate = None
+        if self._last is not None and now > self._last[0]:
+            current = (done - self._last[1]) / (now - self._last[0])
+            # Smooth over about three intervals, so one slow batch does not
+            # swing the ETA.
+            self.rate = current if self.rate is None else 0.5 * self.rate + 0.5 * current
+        self._last = (now, done)
+        return done - self._base
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 @attr.s(slots=True, auto_attribs=True)
 class ResyncProgress:
     """Counters of one room's resync. Mutated by the engine on the reactor
@@ -58,16 +102,35 @@ class ResyncProgress:
     retries: int = 0
     last_error: str | None = None
     next_retry_ts: int | None = None
+    # For the metrics and logs only (see _INTERNAL).
+    retries_before: int = attr.ib(default=0, metadata=_INTERNAL)
+    """Retries counted before this process took the resync over (checkpoint)."""
+    failures: dict[str, int] = attr.ib(factory=dict, metadata=_INTERNAL)
+    """Failed attempts of this run, by reason (the error's type)."""
+    last_failure_reason: str | None = attr.ib(default=None, metadata=_INTERNAL)
+    rate: RateTracker = attr.ib(factory=RateTracker, metadata=_INTERNAL, eq=False, repr=False)
 
     def set_phase(self, phase: str) -> None:
         if phase != self.phase:
             self.phase = phase
             self.phase_ts = _now_ms()
 
+    def count_failure(self, error: BaseException) -> str:
+        """Count a failed attempt by its reason: the error's type, or for an
+        error that wraps another (every server failed), the wrapped one's.
+        Returns the reason."""
+        cause = error.__cause__
+        reason = type(cause if cause is not None else error).__name__
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        self.last_failure_reason = reason
+        return reason
+
     def as_json(self) -> dict[str, Any]:
-        return attr.asdict(self)
+        return attr.asdict(self, filter=lambda a, _: not a.metadata.get("internal"))
 
     def summary(self) -> str:
+        """The progress line: what is done, how fast, and how long is left.
+        Call it once per progress line (it measures the rate between calls)."""
         parts = [f"phase={self.phase}"]
         if self.destination:
             parts.append(f"via={self.destination}")
@@ -79,6 +142,29 @@ class ResyncProgress:
             )
         if self.catchup_remaining is not None:
             parts.append(f"catch-up {self.catchup_done} done, {self.catchup_remaining} left")
+        parts.extend(self._rate_and_eta())
+        if self.bad_signatures:
+            parts.append(f"bad_signatures={self.bad_signatures}")
         if self.retries:
             parts.append(f"retries={self.retries} last_error={self.last_error!r}")
         return ", ".join(parts)
+
+    def _rate_and_eta(self) -> list[str]:
+        if self.phase in (PHASE_CATCHUP, PHASE_FINISHING) and self.catchup_remaining is not None:
+            self.rate.update(("catchup", 0), self.catchup_done)
+            left = self.catchup_remaining
+        elif self.expected:
+            # `expected` is set anew by each /state_ids round: a new stage.
+            in_round = self.rate.update(("state", self.expected), self.persisted)
+            left = max(0, self.expected - in_round)
+        else:
+            return []
+        rate = self.rate.rate
+        if rate is None or self.phase in (PHASE_WAITING, PHASE_DONE):
+            return []
+        if rate <= 0:
+            return ["rate 0 events/s" + (", stalled" if left else "")]
+        out = [f"rate {rate:.0f} events/s"]
+        if left:
+            out.append(f"ETA {_fmt_seconds(left / rate)}")
+        return out

@@ -12,6 +12,7 @@ from twisted.internet import defer
 
 from synapse.storage.database import LoggingTransaction
 
+from synapse_fastjoin.storage import servers
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ STATUS_UNKNOWN = "unknown"
 
 OUTCOME_COMPLETE = "complete"
 OUTCOME_FAILED = "failed"
+OUTCOME_ABORTED = "aborted"
 
 # Errors are free text from exceptions; keep rows small.
 _MAX_ERROR_LENGTH = 1000
@@ -187,6 +189,38 @@ class FastJoinStore:
 
         await self._interaction("fastjoin_record_resync_finished", txn_fn)
 
+    async def record_resync_aborted(self, room_id: str, reason: str, now_ms: int) -> None:
+        """A server admin aborted the resync of `room_id`: adds a history row
+        with outcome `aborted` and forgets the room. Call it while Synapse's
+        `partial_state_rooms` row still exists, for a room the module did not
+        record (joined before it was enabled)."""
+        reason = reason[:_MAX_ERROR_LENGTH]
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute(
+                "SELECT join_event_id, joined_via, joined_ts, first_resync_ts,"
+                " resync_attempts FROM fastjoin_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = txn.fetchone()
+            if row is None:
+                txn.execute(
+                    "SELECT join_event_id, joined_via FROM partial_state_rooms"
+                    " WHERE room_id = ?",
+                    (room_id,),
+                )
+                joined = txn.fetchone() or (None, None)
+                row = (*joined, None, None, 0)
+            txn.execute(
+                "INSERT INTO fastjoin_resync_history (room_id, join_event_id,"
+                " joined_via, joined_ts, first_resync_ts, finished_ts, outcome,"
+                " resync_attempts, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (room_id, *row[:4], now_ms, OUTCOME_ABORTED, row[4], reason),
+            )
+            txn.execute("DELETE FROM fastjoin_rooms WHERE room_id = ?", (room_id,))
+
+        await self._interaction("fastjoin_record_resync_aborted", txn_fn)
+
     # The resync engine's checkpoint.
 
     async def save_checkpoint(self, room_id: str, progress: dict[str, Any]) -> None:
@@ -290,6 +324,26 @@ class FastJoinStore:
             return txn.rowcount
 
         return await self._interaction("fastjoin_forget_rooms_not_partial", txn_fn)
+
+
+    # What the fetch policy knows of each server of a room.
+
+    async def get_room_servers(self, room_id: str) -> dict[str, servers.ServerRecord]:
+        return await self._interaction(
+            "fastjoin_get_room_servers", servers.get_room_servers_txn, room_id
+        )
+
+    async def save_room_servers(
+        self, room_id: str, updates: dict[str, servers.ServerUpdate]
+    ) -> None:
+        await self._interaction(
+            "fastjoin_save_room_servers", servers.save_room_servers_txn, room_id, updates
+        )
+
+    async def get_servers_in_backoff(self, names: list[str]) -> list[str]:
+        return await self._interaction(
+            "fastjoin_get_servers_in_backoff", servers.get_servers_in_backoff_txn, names
+        )
 
 
 def _load_json(raw: Any) -> Any:
