@@ -12,8 +12,11 @@ from synapse.server import HomeServer
 from synapse_fastjoin import patching
 from synapse_fastjoin.admin import servlets as admin_servlets
 from synapse_fastjoin.config import FastJoinConfig, parse_config
+from synapse_fastjoin.handlers.control import RoomControl
+from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.resync.engine import ResyncEngine
-from synapse_fastjoin.storage.store import FastJoinStore
+from synapse_fastjoin.storage.partial_state import mark_partial_again
+from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,15 @@ class FastJoinModule:
         if config.resync.engine and self._is_main_process:
             self.engine = ResyncEngine(api._hs, config.resync, self.store)
 
+        # Bounded waits for full state (any process), and the admin's retry and
+        # abort (main process: where resyncs run).
+        self.waits = FullStateWaits(
+            api._hs, config.client_wait_timeout_seconds, self._live_progress
+        )
+        self.control: RoomControl | None = None
+        if self._is_main_process:
+            self.control = RoomControl(api._hs, self.store, self.engine, self.waits)
+
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
             on_resync_started=self._on_resync_started,
@@ -67,6 +79,11 @@ class FastJoinModule:
             resync_room=self.engine.resync_room if self.engine else None,
             may_prune_staged_events=(
                 self._may_prune_staged_events if config.resync.keep_inbound_queue else None
+            ),
+            await_full_state=(
+                self.waits.await_full_state
+                if config.client_wait_timeout_seconds or self.control
+                else None
             ),
         )
 
@@ -116,6 +133,10 @@ class FastJoinModule:
         await self.store.record_partial_state_join(
             room_id, join_event_id, joined_via, _now_ms()
         )
+        last = await self.store.get_history(room_id, 1)
+        if last and last[0]["outcome"] == OUTCOME_ABORTED:
+            # Rejoining a room whose resync an admin aborted.
+            await mark_partial_again(self._api._hs, room_id)
 
     async def _on_resync_started(
         self,
@@ -134,6 +155,8 @@ class FastJoinModule:
     async def _on_resync_finished(
         self, room_id: str, complete: bool, error: str | None
     ) -> None:
+        if self.control is not None and self.control.is_aborting(room_id):
+            return  # the abort records the end itself, as `aborted`
         if complete:
             logger.info("Resync of %s complete: the room has full state", room_id)
         else:
@@ -167,7 +190,9 @@ class FastJoinModule:
         return False
 
     def _register_admin_servlets(self, hs: HomeServer, http_server: HttpServer) -> None:
-        admin_servlets.register_servlets(hs, http_server, self.store, self._live_progress)
+        admin_servlets.register_servlets(
+            hs, http_server, self.store, self._live_progress, self.control
+        )
 
     def _live_progress(self, room_id: str) -> dict[str, Any] | None:
         if self.engine is None:

@@ -7,16 +7,28 @@ to it), so authentication and errors are Synapse's: 401 without a valid token,
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from synapse.api.errors import NotFoundError, SynapseError
+from synapse.api.errors import Codes, NotFoundError, SynapseError
 from synapse.http.server import HttpServer
-from synapse.http.servlet import RestServlet, parse_integer, parse_string
+from synapse.http.servlet import (
+    RestServlet,
+    parse_integer,
+    parse_json_object_from_request,
+    parse_string,
+)
 from synapse.http.site import SynapseRequest
-from synapse.rest.admin._base import admin_patterns, assert_requester_is_admin
+from synapse.rest.admin._base import (
+    admin_patterns,
+    assert_requester_is_admin,
+    assert_user_is_admin,
+)
 from synapse.types import JsonDict
+
+from synapse_fastjoin.handlers.control import validate_via
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
 
+    from synapse_fastjoin.handlers.control import RoomControl
     from synapse_fastjoin.storage.store import FastJoinStore
 
 
@@ -112,13 +124,62 @@ class ResyncHistoryServlet(_AdminServlet):
         return 200, {"resyncs": [_history_json(r) for r in rows]}
 
 
+class RetryResyncServlet(RestServlet):
+    """POST /_synapse/admin/v1/fastjoin/rooms/{roomId}/retry, body (optional)
+    `{"via": ["server", ...]}`: retry the resync now, asking `via` first."""
+
+    PATTERNS = admin_patterns("/fastjoin/rooms/(?P<room_id>[^/]+)/retry$")
+
+    def __init__(self, hs: "HomeServer", control: "RoomControl"):
+        super().__init__()
+        self._auth = hs.get_auth()
+        self._hostname = hs.hostname
+        self._control = control
+
+    async def on_POST(
+        self, request: SynapseRequest, room_id: str
+    ) -> tuple[int, JsonDict]:
+        await assert_requester_is_admin(self._auth, request)
+        body = parse_json_object_from_request(request, allow_empty_body=True)
+        via = validate_via(body.get("via"), self._hostname)
+        return 200, await self._control.retry(room_id, via)
+
+
+class AbortResyncServlet(RestServlet):
+    """POST /_synapse/admin/v1/fastjoin/rooms/{roomId}/abort, body (optional)
+    `{"purge": bool}`: stop the resync for good; every local user leaves the
+    room; with `purge`, the room is deleted as Synapse's room deletion does."""
+
+    PATTERNS = admin_patterns("/fastjoin/rooms/(?P<room_id>[^/]+)/abort$")
+
+    def __init__(self, hs: "HomeServer", control: "RoomControl"):
+        super().__init__()
+        self._auth = hs.get_auth()
+        self._control = control
+
+    async def on_POST(
+        self, request: SynapseRequest, room_id: str
+    ) -> tuple[int, JsonDict]:
+        requester = await self._auth.get_user_by_req(request)
+        await assert_user_is_admin(self._auth, requester)
+        body = parse_json_object_from_request(request, allow_empty_body=True)
+        purge = body.get("purge", False)
+        if not isinstance(purge, bool):
+            raise SynapseError(400, "'purge' must be true or false", Codes.INVALID_PARAM)
+        return 200, await self._control.abort(room_id, purge, requester.user.to_string())
+
+
 def register_servlets(
     hs: "HomeServer",
     http_server: HttpServer,
     store: "FastJoinStore",
     live: LiveProgress = lambda room_id: None,
+    control: "RoomControl | None" = None,
 ) -> None:
     """Add the module's admin servlets to Synapse's admin resource."""
     PartialStateRoomsServlet(hs, store, live).register(http_server)
     PartialStateRoomServlet(hs, store, live).register(http_server)
     ResyncHistoryServlet(hs, store, live).register(http_server)
+    if control is not None:
+        RetryResyncServlet(hs, control).register(http_server)
+        AbortResyncServlet(hs, control).register(http_server)
