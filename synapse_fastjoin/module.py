@@ -14,6 +14,7 @@ from synapse_fastjoin.admin import servlets as admin_servlets
 from synapse_fastjoin.config import FastJoinConfig, parse_config
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.waits import FullStateWaits
+from synapse_fastjoin.metrics import FastJoinMetrics
 from synapse_fastjoin.resync.engine import ResyncEngine
 from synapse_fastjoin.storage.partial_state import mark_partial_again
 from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
@@ -87,6 +88,12 @@ class FastJoinModule:
             ),
         )
 
+        # Prometheus metrics (served by Synapse's metrics listener), main only.
+        self.metrics: FastJoinMetrics | None = None
+        if self._is_main_process:
+            self.metrics = FastJoinMetrics(api, self.engine)
+            self.metrics.start()
+
         if self._is_main_process:
             api.run_as_background_process("fastjoin_startup", self._startup)
             if config.history_retention_days:
@@ -107,6 +114,8 @@ class FastJoinModule:
         if forgotten:
             logger.info("Forgot %d rooms that are no longer partial-state", forgotten)
         await self._prune_history()
+        if self.metrics is not None:
+            await self.metrics.database_ready()
 
     async def _prune_history(self) -> None:
         if not self._config.history_retention_days:
@@ -137,6 +146,8 @@ class FastJoinModule:
         if last and last[0]["outcome"] == OUTCOME_ABORTED:
             # Rejoining a room whose resync an admin aborted.
             await mark_partial_again(self._api._hs, room_id)
+        if self.metrics is not None:
+            await self.metrics.refresh()
 
     async def _on_resync_started(
         self,
@@ -163,7 +174,11 @@ class FastJoinModule:
             logger.warning(
                 "Resync of %s ended with the room still partial: %s", room_id, error
             )
+        if self.metrics is not None:
+            await self.metrics.resync_finished(room_id, complete, error)
         await self.store.record_resync_finished(room_id, complete, error, _now_ms())
+        if self.metrics is not None:
+            await self.metrics.refresh()
 
     async def _may_prune_staged_events(self, room_id: str) -> bool:
         """Synapse drops all but the newest of a room's queued inbound events

@@ -35,6 +35,9 @@ class RateTracker:
         self._key: tuple[str, int] | None = None
         self._base = 0
         self.rate: float | None = None
+        """Smoothed events per second (None until two samples of a stage)."""
+        self.stalled = False
+        """Nothing was done between the last two samples."""
 
     def update(self, key: tuple[str, int], done: int, now: float | None = None) -> int:
         """Record that `done` events are done in the stage `key`; returns how
@@ -47,8 +50,10 @@ class RateTracker:
             self._key = key
             self._last = None
             self.rate = None
+            self.stalled = False
         if self._last is not None and now > self._last[0]:
             current = (done - self._last[1]) / (now - self._last[0])
+            self.stalled = current <= 0
             # Smooth over about three intervals, so one slow batch does not
             # swing the ETA.
             self.rate = current if self.rate is None else 0.5 * self.rate + 0.5 * current
@@ -162,7 +167,7 @@ class ResyncProgress:
         rate = self.rate.rate
         if rate is None or self.phase in (PHASE_WAITING, PHASE_DONE):
             return []
-        if rate <= 0:
+        if rate <= 0 or (self.rate.stalled and left):
             return ["rate 0 events/s" + (", stalled" if left else "")]
         out = [f"rate {rate:.0f} events/s"]
         if left:
