@@ -1,6 +1,7 @@
 """The ``synapse-fastjoin`` command line.
 
-Currently one command group, ``patches``, which manages the patch series
+Two command groups: ``rooms`` talks to a running Synapse's admin API (see
+:mod:`synapse_fastjoin.cli_rooms`); ``patches`` manages the patch series
 this project carries against Synapse (see :mod:`synapse_fastjoin.patching`)::
 
     synapse-fastjoin patches status [--site-packages DIR] [--series DIR]
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
 from synapse_fastjoin import patching
+from synapse_fastjoin.cli_rooms import add_rooms_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -220,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         action.set_defaults(func=handler)
+
+    add_rooms_parser(commands, _error)
     return parser
 
 
