@@ -365,3 +365,28 @@ def test_bad_client_wait_timeout_stops_startup_naming_the_key(synapse_factory, v
     assert result.returncode != 0
     assert "client_wait_timeout_seconds" in result.output
     assert "Error in configuration" in result.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_hierarchy_answers_from_partial_state_without_waiting(
+    synapse_factory, tls_files, tmp_path
+):
+    """/hierarchy needs the rooms' space children, not their members (patch
+    0008): it answers while the resync is held, with waits unbounded."""
+    resident = await start_resident(tls_files, tmp_path)
+    try:
+        resident.hold(STATE)
+        j = await join(synapse_factory, resident, module={"client_wait_timeout_seconds": 0})
+        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT, description="/state held")
+        started = time.monotonic()
+        status, body = await j.client.get(
+            f"/_matrix/client/v1/rooms/{quote(j.room_id)}/hierarchy", timeout=20
+        )
+        assert status == 200, body
+        assert time.monotonic() - started < 10
+        assert [r["room_id"] for r in body["rooms"]] == [j.room_id]
+        assert (await phase(j)) == "fetching_state"
+        resident.release()
+        await assert_complete(j)
+    finally:
+        await resident.stop()
