@@ -162,6 +162,8 @@ class FastJoinModule:
             len(other_destinations),
         )
         await self.store.record_resync_started(room_id, _now_ms())
+        if self.metrics is not None:
+            await self.metrics.refresh()  # the join event is stored by now
 
     async def _on_resync_finished(
         self, room_id: str, complete: bool, error: str | None

@@ -167,6 +167,8 @@ class ResyncProgress:
         rate = self.rate.rate
         if rate is None or self.phase in (PHASE_WAITING, PHASE_DONE):
             return []
+        if not left and (rate <= 0 or self.rate.stalled):
+            return []  # nothing left, nothing moving: no rate to give
         if rate <= 0 or (self.rate.stalled and left):
             return ["rate 0 events/s" + (", stalled" if left else "")]
         out = [f"rate {rate:.0f} events/s"]

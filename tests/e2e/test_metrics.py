@@ -13,6 +13,9 @@ data from this Prometheus.
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,17 +24,22 @@ import pytest
 import pytest_twisted
 
 from tests.e2e.test_fake_resident import trusting
-from tests.harness.client import poll_until
+from tests.harness.client import poll_until, sleep
 from tests.harness.fakehs.room import RoomSpec, load_or_generate
 from tests.harness.fakehs.server import FakeResident, Rule
 from tests.harness.prometheus import Prometheus, PrometheusUnavailable, ensure_installed
 from tests.harness.synapse import REPO_ROOT, free_port, merge_config
 
 DASHBOARD = REPO_ROOT / "contrib" / "grafana" / "synapse-fastjoin.json"
-SPEC = RoomSpec(members=300, servers=1, history=10)
+# FASTJOIN_METRICS_MEMBERS makes the room bigger, and FASTJOIN_METRICS_PLOT=<png>
+# draws the dashboard's main panels from this run's Prometheus with
+# scripts/plot-metrics (run by $FASTJOIN_METRICS_PLOT_PYTHON, which needs
+# matplotlib): that is how docs/metrics-panels.png is made.
+SPEC = RoomSpec(members=int(os.environ.get("FASTJOIN_METRICS_MEMBERS", "300")), servers=1, history=10)
+PLOT = os.environ.get("FASTJOIN_METRICS_PLOT")
 STATE = r"^/_matrix/federation/v1/state/[^/]+$"
 STATE_IDS = r"^/_matrix/federation/v1/state_ids/[^/]+$"
-TIMEOUT = 45.0
+TIMEOUT = 45.0 + SPEC.members / 200
 
 # What the dashboard's Grafana variables stand for when its queries are
 # evaluated here.
@@ -131,6 +139,7 @@ async def test_prometheus_sees_a_partial_join_and_every_dashboard_query_has_data
         )
         joiner.start()
         prom = Prometheus(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"]).start()
+        started = time.time()
         instance = f"127.0.0.1:{metrics_port}"
 
         async def scraped(expr: str, check=lambda v: v is not None) -> float:
@@ -250,6 +259,21 @@ async def test_prometheus_sees_a_partial_join_and_every_dashboard_query_has_data
                 values = prom.api(f"label/{m.group(2)}/values", {"match[]": m.group(1)})
                 assert instance in values or m.group(2) != "instance", values
                 assert values, var
+        if PLOT:
+            await sleep(3)  # a few scrapes after the end, for the picture
+            subprocess.run(
+                [
+                    os.environ.get("FASTJOIN_METRICS_PLOT_PYTHON", sys.executable),
+                    str(REPO_ROOT / "scripts" / "plot-metrics"),
+                    "--prometheus", prom.url, "--instance", instance,
+                    "--start", str(started), "--end", str(time.time()),
+                    "--title", f"synapse-fastjoin: one partial-state join of a room of"
+                    f" {SPEC.members} members (fake resident: /state_ids held, then failed"
+                    " once; first /state forged)",
+                    "--out", PLOT,
+                ],
+                check=True,
+            )  # fmt: skip
     finally:
         if prom is not None:
             prom.stop()
