@@ -170,6 +170,14 @@ class FastJoinModule:
     ) -> None:
         if self.control is not None and self.control.is_aborting(room_id):
             return  # the abort records the end itself, as `aborted`
+        if complete and await self._api._store.get_room(room_id) is None:
+            # Not done: deleted (Synapse's room deletion purges the partial
+            # state with the rest).
+            logger.info("Resync of %s ended: the room was deleted", room_id)
+            await self.store.record_resync_aborted(
+                room_id, "the room was deleted during the resync", _now_ms()
+            )
+            return
         if complete:
             logger.info("Resync of %s complete: the room has full state", room_id)
         else:

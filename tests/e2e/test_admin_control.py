@@ -78,6 +78,15 @@ def history(j: Joined) -> list[tuple[str, str | None]]:
     )
 
 
+async def outcomes(j: Joined, count: int) -> list[str]:
+    """The history's outcomes once it has `count` rows (the row is written a
+    moment after the room leaves partial state)."""
+    await poll_until(
+        lambda: len(history(j)) >= count, timeout=TIMEOUT, description=f"{count} history rows"
+    )
+    return [o for o, _ in history(j)]
+
+
 async def phase(j: Joined) -> str | None:
     progress = await j.progress()
     return None if progress is None else progress.get("phase")
@@ -147,7 +156,7 @@ async def test_retry_skips_the_backoff_and_asks_via_first(synapse_factory, tls_f
         assert time.monotonic() - started < 120, "the retry did not skip the 10-minute backoff"
         # The first server asked after the retry was the one named first.
         assert resident.state_requests.get(second, 0) > asked_before.get(second, 0)
-        assert [o for o, _ in history(j)] == ["complete"]
+        assert await outcomes(j, 1) == ["complete"]
         # Retrying a room that is no longer partial: 404.
         status, body = await j.client.post(room_path(j, "retry"), {})
         assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
@@ -236,7 +245,7 @@ async def test_abort_stops_the_resync_for_good_and_answers_waiting_requests(
         # A rejoin starts cleanly: a new partial join and a resync that completes.
         await j.client.join(j.room_id, server_name=resident.server_name, timeout=TIMEOUT)
         await assert_complete(j)
-        assert [o for o, _ in history(j)] == ["aborted", "complete"]
+        assert await outcomes(j, 2) == ["aborted", "complete"]
     finally:
         await resident.stop()
 
@@ -303,7 +312,7 @@ async def test_abort_racing_the_resyncs_own_end(synapse_factory, tls_files, tmp_
                 break
         assert outcomes[-1] in (200, 404), outcomes
         await poll_until(lambda: no_partial_rows(j), timeout=TIMEOUT, description="partial rows gone")
-        rows = [o for o, _ in history(j)]
+        rows = await outcomes(j, 1)
         assert rows == (["aborted"] if outcomes[-1] == 200 else ["complete"]), (outcomes, rows)
         # Aborted: our user left; complete: still in the room. Either way
         # nothing waits any more.
