@@ -590,7 +590,7 @@ def _families(servers: list[tuple[str, dict[str, Any]]]) -> list[Metric]:
     )
     counter(
         "synapse_fastjoin_resync_retries",
-        "Requests tried again on another server or after a backoff",
+        "Retries of resyncs after a failure (the progress field `retries`)",
         lambda s: s["counters"].get("retries", 0.0),
     )
     failures = CounterMetricFamily(
