@@ -55,7 +55,7 @@ from synapse.util.duration import Duration
 from synapse.util.iterutils import batch_iter, sorted_topologically
 from signedjson.key import encode_verify_key_base64
 
-from synapse_fastjoin.resync.checks import KeyInfo, check_chunk, wanted_key_ids
+from synapse_fastjoin.resync.checks import KeyInfo, check_chunk, run_spam_checks, wanted_key_ids
 from synapse_fastjoin.resync.progress import (
     PHASE_EVENTS,
     PHASE_STATE,
@@ -410,6 +410,10 @@ class StateFetcher:
             self._missing,
             dict(self._keys),
         )
+        # What Synapse's _check_sigs_and_hash does after the signatures and
+        # hashes: the room's policy server and the spam checkers (on the
+        # reactor: they may do I/O).
+        await run_spam_checks(self._hs, result)
         self._progress.checked += len(result.accepted)
         self._progress.redacted += result.redacted
         self._progress.unwanted += result.unwanted + result.malformed
@@ -419,6 +423,13 @@ class StateFetcher:
             logger.warning("Resync of %s: cannot check %s yet: %s", self._room_id, event_id, reason)
         for event_id, reason in result.bad_signature[:5]:
             logger.warning("Resync of %s: dropping %s: %s", self._room_id, event_id, reason)
+        for reason in result.malformed_reasons[:3]:
+            logger.warning("Resync of %s: dropping a malformed event: %s", self._room_id, reason)
+        if result.spam or result.policy_refused:
+            logger.info(
+                "Resync of %s: %d events redacted as spam, %d soft-failed by the policy server",
+                self._room_id, result.spam, result.policy_refused,
+            )
         return result
 
     async def _ensure_keys(self, chunk: list[dict[str, Any]]) -> None:

@@ -256,7 +256,9 @@ class FetchPolicy:
         result: defer.Deferred = defer.Deferred()
         in_flight: dict[str, defer.Deferred] = {}
         started: dict[str, float] = {}
-        state: dict[str, Any] = {"next": 0, "errors": [], "not_found": 0, "timer": None}
+        state: dict[str, Any] = {
+            "next": 0, "errors": [], "not_found": 0, "timer": None, "last_exception": None,
+        }
 
         def cancel_timer() -> None:
             timer: IDelayedCall | None = state["timer"]
@@ -270,12 +272,13 @@ class FetchPolicy:
             cancel_timer()
             if state["errors"]:
                 last = state["errors"][-1]
-                result.errback(
-                    NoServerAnswered(
-                        f"{what}: {len(state['errors'])} of {len(candidates)} servers failed; "
-                        f"last error: {last}"
-                    )
+                error = NoServerAnswered(
+                    f"{what}: {len(state['errors'])} of {len(candidates)} servers failed; "
+                    f"last error: {last}"
                 )
+                # The last server's own exception, for the failure reason.
+                error.__cause__ = state["last_exception"]
+                result.errback(error)
             else:
                 result.errback(NotFound(f"{what}: not found on {state['not_found']} servers"))
 
@@ -343,6 +346,7 @@ class FetchPolicy:
                 self.answered_without(server)
             else:
                 state["errors"].append(f"{server}: {type(error).__name__}: {error}")
+                state["last_exception"] = error
                 self.failed(server, f"{type(error).__name__}: {error}")
                 logger.info(
                     "Resync of %s: %s from %s failed: %s: %s",

@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet import defer
 
+from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
 
 from synapse_fastjoin.storage import servers
@@ -26,6 +27,10 @@ STATUS_JOINING = "joining"
 STATUS_RESYNCING = "resyncing"
 STATUS_FAILED = "failed"
 STATUS_UNKNOWN = "unknown"
+# An admin's abort under way (see handlers/control.py); "+purge" when the room
+# is to be purged too. Kept across a restart, which finishes the abort.
+STATUS_ABORTING = "aborting"
+STATUS_ABORTING_PURGE = "aborting+purge"
 
 OUTCOME_COMPLETE = "complete"
 OUTCOME_FAILED = "failed"
@@ -85,7 +90,10 @@ class FastJoinStore:
         raised to the caller and tried again by the next one."""
         if self._schema_ready:
             return
-        async with self._schema_lock:
+        # Waited on through make_deferred_yieldable, so that a caller that
+        # queues behind another keeps its logcontext.
+        await make_deferred_yieldable(self._schema_lock.acquire())
+        try:
             if self._schema_ready:
                 return
             if self._may_migrate:
@@ -94,6 +102,8 @@ class FastJoinStore:
             else:
                 await self._run("fastjoin_check_schema", check_schema_txn)
             self._schema_ready = True
+        finally:
+            self._schema_lock.release()
 
     async def _interaction(self, desc: str, func: Callable[..., T], *args: Any) -> T:
         await self.ensure_schema()
@@ -122,11 +132,20 @@ class FastJoinStore:
 
         def txn_fn(txn: LoggingTransaction) -> None:
             txn.execute(
-                "UPDATE fastjoin_rooms SET resync_status = ?,"
+                "UPDATE fastjoin_rooms SET resync_status = CASE WHEN resync_status"
+                " IN (?, ?) THEN resync_status ELSE ? END,"
                 " first_resync_ts = COALESCE(first_resync_ts, ?), last_resync_ts = ?,"
                 " resync_attempts = resync_attempts + 1, updated_ts = ?"
                 " WHERE room_id = ?",
-                (STATUS_RESYNCING, now_ms, now_ms, now_ms, room_id),
+                (
+                    STATUS_ABORTING,
+                    STATUS_ABORTING_PURGE,
+                    STATUS_RESYNCING,
+                    now_ms,
+                    now_ms,
+                    now_ms,
+                    room_id,
+                ),
             )
             if txn.rowcount == 0:
                 # Joined before the module was enabled: we never saw the join.
@@ -220,6 +239,39 @@ class FastJoinStore:
             txn.execute("DELETE FROM fastjoin_rooms WHERE room_id = ?", (room_id,))
 
         await self._interaction("fastjoin_record_resync_aborted", txn_fn)
+
+    async def mark_aborting(self, room_id: str, purge: bool, now_ms: int) -> None:
+        """An admin's abort of `room_id` has begun: remember it, so that a
+        restart half-way finishes it."""
+        status = STATUS_ABORTING_PURGE if purge else STATUS_ABORTING
+
+        def txn_fn(txn: LoggingTransaction) -> None:
+            txn.execute(
+                "UPDATE fastjoin_rooms SET resync_status = ?, updated_ts = ? WHERE room_id = ?",
+                (status, now_ms, room_id),
+            )
+            if txn.rowcount == 0:
+                txn.execute(
+                    "INSERT INTO fastjoin_rooms (room_id, join_event_id, joined_via,"
+                    " resync_status, resync_attempts, updated_ts)"
+                    " SELECT room_id, join_event_id, joined_via, ?, 0, ?"
+                    " FROM partial_state_rooms WHERE room_id = ?",
+                    (status, now_ms, room_id),
+                )
+
+        await self._interaction("fastjoin_mark_aborting", txn_fn)
+
+    async def get_aborting(self) -> dict[str, bool]:
+        """Rooms whose abort was under way: room id -> whether to purge."""
+
+        def txn_fn(txn: LoggingTransaction) -> dict[str, bool]:
+            txn.execute(
+                "SELECT room_id, resync_status FROM fastjoin_rooms WHERE resync_status IN (?, ?)",
+                (STATUS_ABORTING, STATUS_ABORTING_PURGE),
+            )
+            return {room_id: status == STATUS_ABORTING_PURGE for room_id, status in txn}
+
+        return await self._interaction("fastjoin_get_aborting", txn_fn)
 
     # The resync engine's checkpoint.
 

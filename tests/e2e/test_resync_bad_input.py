@@ -496,30 +496,28 @@ class PickyResident(FakeResident):
         super().handle(persona, request)
 
 
-@pytest.mark.parametrize(
-    "fetch_threshold", [STREAM_THRESHOLD, 2000], ids=["streamed", "events-default-threshold"]
-)
+@pytest.mark.parametrize("fetch_method", ["state", "events"], ids=["streamed", "events"])
 @pytest_twisted.ensureDeferred
 async def test_state_comes_from_another_server_when_the_first_fails(
-    synapse_factory, tls_files, tmp_path, db_backend, fetch_threshold
+    synapse_factory, tls_files, tmp_path, db_backend, fetch_method
 ):
     """The server joined through fails every /state_ids and /state; the other
     persona answers. The failing one is also the joiner's notary, so once
     Synapse backs off from it, key queries through it fail too for a while:
     events whose keys cannot be had yet must be fetched again later, not left
-    out of the state. With the default threshold (2000) the ~300 missing
-    events come from /event instead of /state."""
+    out of the state. With `fetch_method: events` the ~300 missing events
+    come from /event instead of /state."""
     resident = await start_resident(tls_files, tmp_path, personas=2, cls=PickyResident)
     try:
         bad, good = (p.server_name for p in resident.personas)
         resident.broken.add(bad)
-        j = await join(synapse_factory, resident, event_fetch_threshold=fetch_threshold)  # via the bad one
+        j = await join(synapse_factory, resident, fetch_method=fetch_method)  # via the bad one
         await assert_complete(j)
 
         assert resident.state_requests.get(bad, 0) >= 1, "the server joined via was never asked"
         assert resident.state_requests.get(good, 0) >= 1, resident.state_requests
         assert served(resident, STATE_IDS, 200) >= 1
-        if fetch_threshold == STREAM_THRESHOLD:
+        if fetch_method == "state":
             assert served(resident, STATE, 200) >= 1
         else:
             assert served(resident, r"/v1/event/", 200) >= SPEC.members
