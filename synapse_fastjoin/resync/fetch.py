@@ -24,7 +24,7 @@ we lack, build the state map) without its limits:
 import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AbstractSet, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterable, TypeVar
 
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
@@ -631,22 +631,12 @@ class StateFetcher:
         return event_id in self._promised and event_id not in self._missing
 
     async def _persist_batch(self, batch: list[EventBase]) -> None:
-        auth_map: dict[str, EventBase] = {ev.event_id: ev for ev in batch}
-        to_load = {
-            a for ev in batch for a in ev.auth_event_ids() if a not in auth_map and a not in self._auth_cache
-        }
-        if to_load:
-            loaded = await self._store.get_events(
-                to_load, allow_rejected=True, redact_behaviour=EventRedactBehaviour.as_is
+        async def load(ids: set[str]) -> dict[str, EventBase]:
+            return await self._store.get_events(
+                ids, allow_rejected=True, redact_behaviour=EventRedactBehaviour.as_is
             )
-            for event_id, ev in loaded.items():
-                self._auth_cache[event_id] = ev
-            while len(self._auth_cache) > 2000:
-                self._auth_cache.popitem(last=False)
-        for ev in batch:
-            for a in ev.auth_event_ids():
-                if a not in auth_map and a in self._auth_cache:
-                    auth_map[a] = self._auth_cache[a]
+
+        auth_map = await auth_events_for_batch(batch, self._auth_cache, load, _AUTH_CACHE_SIZE)
 
         to_persist: list[tuple[EventBase, EventContext]] = []
         storage = self._hs.get_storage_controllers()
@@ -694,7 +684,7 @@ class StateFetcher:
         for event, _ in to_persist:
             self._missing.discard(event.event_id)
             self._auth_cache[event.event_id] = event
-        while len(self._auth_cache) > 2000:
+        while len(self._auth_cache) > _AUTH_CACHE_SIZE:
             self._auth_cache.popitem(last=False)
         self._progress.persisted += len(to_persist)
 
@@ -723,6 +713,48 @@ class StateFetcher:
                 )
             )
         return found
+
+# Events kept in memory as possible auth events of the next batches.
+_AUTH_CACHE_SIZE = 2000
+
+
+async def auth_events_for_batch(
+    batch: list[EventBase],
+    cache: "collections.OrderedDict[str, EventBase]",
+    load: Callable[[set[str]], Awaitable[dict[str, EventBase]]],
+    cache_size: int,
+) -> dict[str, EventBase]:
+    """Every event of `batch` and every auth event of theirs that can be had:
+    from the batch itself, the cache of recent events, or the database.
+
+    The batch's own needs are taken out of the cache before anything new goes
+    in: trimming the cache may then evict what it likes without losing an
+    auth event this batch was counting on. (It once loaded first and trimmed
+    before looking: with a full cache, the oldest entries, found present a
+    moment earlier, were gone, and a whole batch of valid events was dropped
+    for "an auth event of it could not be found".)
+    """
+    auth_map: dict[str, EventBase] = {ev.event_id: ev for ev in batch}
+    to_load: set[str] = set()
+    for ev in batch:
+        for a in ev.auth_event_ids():
+            if a in auth_map:
+                continue
+            cached = cache.get(a)
+            if cached is not None:
+                auth_map[a] = cached
+                cache.move_to_end(a)
+            else:
+                to_load.add(a)
+    if to_load:
+        loaded = await load(to_load)
+        auth_map.update(loaded)
+        for event_id, ev in loaded.items():
+            cache[event_id] = ev
+        while len(cache) > cache_size:
+            cache.popitem(last=False)
+    return auth_map
+
 
 class BadAnswer(Exception):
     """A server answered with something other than what was asked for."""
