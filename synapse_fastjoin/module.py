@@ -77,7 +77,7 @@ class FastJoinModule:
             register_admin_servlets=(
                 self._register_admin_servlets if config.admin_api else None
             ),
-            resync_room=self.engine.resync_room if self.engine else None,
+            resync_room=self._resync_room if self.engine else None,
             may_prune_staged_events=(
                 self._may_prune_staged_events if config.resync.keep_inbound_queue else None
             ),
@@ -110,6 +110,11 @@ class FastJoinModule:
 
     async def _startup(self) -> None:
         await self.store.ensure_schema()
+        if self.control is not None:
+            # Aborts a restart interrupted (resumed resyncs of partial rooms
+            # find them too, see _resync_room).
+            for room_id, purge in (await self.store.get_aborting()).items():
+                self.control.resume_abort(room_id, purge)
         forgotten = await self.store.forget_rooms_not_partial()
         if forgotten:
             logger.info("Forgot %d rooms that are no longer partial-state", forgotten)
@@ -124,6 +129,22 @@ class FastJoinModule:
         pruned = await self.store.prune_history(cutoff)
         if pruned:
             logger.info("Pruned %d finished resyncs from the history", pruned)
+
+    async def _resync_room(
+        self,
+        room_id: str,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+    ) -> None:
+        """The engine's resync, unless an admin's abort of the room was under
+        way when Synapse stopped: then that is finished instead."""
+        assert self.engine is not None
+        if self.control is not None:
+            aborting = await self.store.get_aborting()
+            if room_id in aborting:
+                self.control.resume_abort(room_id, aborting[room_id])
+                return
+        await self.engine.resync_room(room_id, initial_destination, other_destinations)
 
     async def _on_partial_state_join(
         self,

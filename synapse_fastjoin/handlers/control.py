@@ -17,6 +17,9 @@ Abort, in order:
 
 A second abort while one is under way waits for that one and answers as it
 does; once it is over the room is not partial any more and the answer is 404.
+An abort is recorded (`fastjoin_rooms.resync_status`) before it starts: if
+Synapse stops half-way, the next start finishes it (`resume_abort`), so the
+room ends aborted, not half.
 """
 
 import logging
@@ -95,6 +98,38 @@ class RoomControl:
     def is_aborting(self, room_id: str) -> bool:
         return room_id in self._aborts
 
+    def resume_abort(self, room_id: str, purge: bool) -> None:
+        """Finish an abort that a restart interrupted (in the background)."""
+        if room_id in self._aborts:
+            return
+        logger.info("Abort of %s was under way when Synapse stopped: finishing it", room_id)
+
+        async def run() -> None:
+            # Registered before the first await: callers see it at once.
+            if room_id not in self._aborts:
+                await make_deferred_yieldable(
+                    self._start_abort(room_id, purge, None).observe()
+                )
+
+        self._hs.run_as_background_process("fastjoin_resume_abort", run)
+
+    def _start_abort(
+        self, room_id: str, purge: bool, admin_user_id: str | None
+    ) -> "ObservableDeferred[dict[str, Any]]":
+        d = ObservableDeferred(
+            run_in_background(self._abort, room_id, purge, admin_user_id),
+            consumeErrors=True,
+        )
+        self._aborts[room_id] = d
+
+        def done(result: Any) -> Any:
+            self._aborts.pop(room_id, None)
+            self._waits.aborted(room_id)
+            return result
+
+        d.observe().addBoth(done)
+        return d
+
     async def _assert_partial(self, room_id: str) -> None:
         if not await self._main.is_partial_state_room(room_id):
             raise NotFoundError(f"{room_id} is not a partial-state room")
@@ -166,24 +201,17 @@ class RoomControl:
         await self._assert_partial(room_id)
         if room_id in self._aborts:  # raced in while we looked
             return await make_deferred_yieldable(self._aborts[room_id].observe())
-        d = ObservableDeferred(
-            run_in_background(self._abort, room_id, purge, admin_user_id),
-            consumeErrors=True,
-        )
-        self._aborts[room_id] = d
-
-        def done(result: Any) -> Any:
-            self._aborts.pop(room_id, None)
-            self._waits.aborted(room_id)
-            return result
-
-        d.observe().addBoth(done)
+        d = self._start_abort(room_id, purge, admin_user_id)
         return await make_deferred_yieldable(d.observe())
 
-    async def _abort(self, room_id: str, purge: bool, admin_user_id: str) -> dict[str, Any]:
+    async def _abort(
+        self, room_id: str, purge: bool, admin_user_id: str | None
+    ) -> dict[str, Any]:
         started = time.monotonic()
-        logger.info("Abort of the resync of %s by %s (purge: %s)", room_id, admin_user_id, purge)
+        by = admin_user_id or "a server admin"
+        logger.info("Abort of the resync of %s by %s (purge: %s)", room_id, by, purge)
         answered = self._waits.abort(room_id)
+        await self._store.mark_aborting(room_id, purge, int(time.time() * 1000))
         left, failed = await self._leave_all(room_id, purge, admin_user_id)
         was_running = False
         if self._engine is not None:
@@ -191,11 +219,11 @@ class RoomControl:
         await self._wait_for_wrapper(room_id)
         # Recorded while Synapse's row is still there (its join details).
         await self._store.record_resync_aborted(
-            room_id, f"aborted by {admin_user_id}", int(time.time() * 1000)
+            room_id, f"aborted by {by}", int(time.time() * 1000)
         )
         await drop_partial_state(self._hs, room_id)
         purged = False
-        if purge:
+        if purge and await self._main.get_room(room_id) is not None:
             await self._hs.get_pagination_handler().purge_room(room_id, force=False)
             purged = True
         logger.info(
@@ -217,7 +245,7 @@ class RoomControl:
         }
 
     async def _leave_all(
-        self, room_id: str, purge: bool, admin_user_id: str
+        self, room_id: str, purge: bool, admin_user_id: str | None
     ) -> tuple[list[str], list[str]]:
         if purge:
             # Synapse's room deletion: every local user leaves and forgets it.

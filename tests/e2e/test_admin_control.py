@@ -304,16 +304,16 @@ async def test_abort_racing_the_resyncs_own_end(synapse_factory, tls_files, tmp_
         j = await join(synapse_factory, resident)
         await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT, description="/state held")
         resident.release()
-        outcomes = []
+        statuses = []
         for _ in range(200):
             status, body = await j.client.post(room_path(j, "abort"), {})
-            outcomes.append(status)
+            statuses.append(status)
             if status != 200 or body.get("aborted"):
                 break
-        assert outcomes[-1] in (200, 404), outcomes
+        assert statuses[-1] in (200, 404), statuses
         await poll_until(lambda: no_partial_rows(j), timeout=TIMEOUT, description="partial rows gone")
         rows = await outcomes(j, 1)
-        assert rows == (["aborted"] if outcomes[-1] == 200 else ["complete"]), (outcomes, rows)
+        assert rows == (["aborted"] if statuses[-1] == 200 else ["complete"]), (statuses, rows)
         # Aborted: our user left; complete: still in the room. Either way
         # nothing waits any more.
         membership = j.q(
@@ -321,7 +321,7 @@ async def test_abort_racing_the_resyncs_own_end(synapse_factory, tls_files, tmp_
             j.room_id,
             j.user_id,
         )
-        assert membership == [("leave" if outcomes[-1] == 200 else "join",)]
+        assert membership == [("leave" if statuses[-1] == 200 else "join",)]
         status, _ = await j.client.get(members_path(j), timeout=30)
         assert status == 200
     finally:
@@ -397,5 +397,55 @@ async def test_hierarchy_answers_from_partial_state_without_waiting(
         assert (await phase(j)) == "fetching_state"
         resident.release()
         await assert_complete(j)
+    finally:
+        await resident.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abort_cut_by_a_restart_is_finished_by_the_next_start(
+    synapse_factory, tls_files, tmp_path, db_backend
+):
+    """Synapse dies right after an abort was recorded (the abort's first
+    step) and before anything else was done: the next start finishes it, so
+    the room ends aborted, not half (left, no partial rows, history says so)."""
+    resident = await start_resident(tls_files, tmp_path)
+    try:
+        resident.hold(STATE)
+        j = await join(synapse_factory, resident)
+        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT, description="/state held")
+        j.joiner.pause()
+        j.joiner.kill()
+        # What the abort writes first, as the crash left it.
+        conn = j.joiner.database.connect()
+        try:
+            cur = conn.cursor()
+            p = j.joiner.database.placeholder
+            cur.execute(
+                f"UPDATE fastjoin_rooms SET resync_status = {p} WHERE room_id = {p}",
+                ("aborting", j.room_id),
+            )
+            assert cur.rowcount == 1
+            conn.commit()
+        finally:
+            conn.close()
+        assert not no_partial_rows(j)
+
+        j.joiner.start()
+        await poll_until(lambda: no_partial_rows(j), timeout=TIMEOUT, description="the abort to finish")
+        assert await outcomes(j, 1) == ["aborted"]
+        assert history(j)[0][1] == "aborted by a server admin"
+        assert j.q(
+            "SELECT membership FROM local_current_membership WHERE room_id = ? AND user_id = ?",
+            j.room_id,
+            j.user_id,
+        ) == [("leave",)]
+        assert j.q("SELECT count(*) FROM fastjoin_rooms") == [(0,)]
+        log = j.joiner.read_log()
+        assert "was under way when Synapse stopped: finishing it" in log
+        # The resumed resync did not run: the abort took its place.
+        assert log.count("starts (synapse-fastjoin engine)") == 1
+        status, _ = await j.admin_room()
+        assert status == 404
+        resident.release()
     finally:
         await resident.stop()
