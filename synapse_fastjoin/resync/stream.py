@@ -135,6 +135,9 @@ class StateBodyReader(Protocol):
                 for parser in self._parsers:
                     parser.close()
             except Exception as e:
+                # The events that arrived whole are as good as any: hand them
+                # on before failing, so the next round need not fetch them.
+                self._emit_rest()
                 self._fail(StreamAborted(f"the body ended early or is not valid JSON: {e}"))
                 return
             if self._buffer:
@@ -143,9 +146,17 @@ class StateBodyReader(Protocol):
             self._finished = True
             self.done.callback(self.items)
         else:
+            self._emit_rest()
             self._fail(
                 StreamAborted(f"connection lost after {self.bytes} bytes: {reason.getErrorMessage()}")
             )
+
+    def _emit_rest(self) -> None:
+        """Hand on the complete items still buffered (the body broke off: the
+        peer's fault or the network's, not a sign that they are hostile)."""
+        if self._buffer:
+            self._emit(list(self._buffer))
+            self._buffer.clear()
 
     # Called by the consumer.
 

@@ -63,7 +63,9 @@ _STATE_IDS_LOG = re.compile(
 
 def module_config(resident: FakeResident, **resync: Any) -> dict[str, Any]:
     """homeserver.yaml extras: the module with quick retries, /state streamed
-    for anything but the last few events, and the resident as notary."""
+    for anything but the last few events, the resident as notary, and client
+    requests that wait for the full state as long as it takes (the tests read
+    the outcome through /members)."""
     resync_config = {
         "backoff_initial_seconds": 1,
         "backoff_max_seconds": 2,
@@ -77,7 +79,7 @@ def module_config(resident: FakeResident, **resync: Any) -> dict[str, Any]:
             "modules": [
                 {
                     "module": "synapse_fastjoin.FastJoinModule",
-                    "config": {"resync": resync_config},
+                    "config": {"resync": resync_config, "client_wait_timeout_seconds": 0},
                 }
             ]
         },

@@ -216,13 +216,40 @@ def test_reader_aborts_hostile_bodies(data, limit, why):
     assert reader.transport.stopped
 
 
-def test_reader_reports_a_cut_connection():
-    reader = _reader([])
+def test_reader_reports_a_cut_connection_and_hands_on_what_arrived_whole():
+    chunks = []
+    reader = _reader(chunks, chunk_size=10)
     errors = []
     reader.done.addErrback(errors.append)
-    reader.dataReceived(_body(5)[:20])
+    body = _body(8)
+    reader.dataReceived(body[: len(body) // 2])
     reader.connectionLost(Failure(ConnectionError("reset")))
     assert errors and "connection lost" in str(errors[0].value)
+    # The events that arrived whole were handed on (fewer than a chunk).
+    handed = [item["n"] for chunk in chunks for item in chunk]
+    assert handed and handed == list(range(len(handed)))
+
+
+def test_reader_hands_on_what_arrived_whole_when_the_body_ends_early():
+    chunks = []
+    reader = _reader(chunks, chunk_size=10)
+    errors = []
+    reader.done.addErrback(errors.append)
+    body = _body(8)
+    reader.dataReceived(body[: len(body) // 2])
+    reader.connectionLost(Failure(ResponseDone()))
+    assert errors and "ended early" in str(errors[0].value)
+    assert [item["n"] for chunk in chunks for item in chunk]
+
+
+def test_reader_hands_nothing_on_from_a_hostile_body():
+    chunks = []
+    reader = _reader(chunks, chunk_size=10, max_items=3)
+    errors = []
+    reader.done.addErrback(errors.append)
+    reader.dataReceived(_body(8))
+    assert errors and "more than 3 events" in str(errors[0].value)
+    assert chunks == []
 
 
 def test_reader_gives_up_on_a_silent_server():
