@@ -47,7 +47,13 @@ from tests.harness.postgres import PostgresAdmin  # noqa: E402
 from tests.harness.synapse import SynapseServer, merge_config  # noqa: E402
 
 VARIANTS = ("stock", "stock-full", "patched")
-MODULE = {"modules": [{"module": "synapse_fastjoin.FastJoinModule", "config": {}}]}
+# T_full is measured with a request that waits for the full state: it must
+# wait as long as the resync takes, as it does on stock Synapse.
+MODULE = {
+    "modules": [
+        {"module": "synapse_fastjoin.FastJoinModule", "config": {"client_wait_timeout_seconds": 0}}
+    ]
+}
 
 
 def log(message: str) -> None:
