@@ -141,6 +141,19 @@ async def test_retry_skips_the_backoff_and_asks_via_first(synapse_factory, tls_f
             assert (status, body["errcode"]) == (400, "M_INVALID_PARAM"), (bad, body)
         assert (await phase(j)) == "waiting_to_retry"
 
+        # Retried at once, twice in a row: each retry is an attempt (which
+        # fails again), not a wait for the ten-minute backoff.
+        for _ in range(2):
+            retries = progress["retries"]
+            status, body = await j.client.post(room_path(j, "retry"), {})
+            assert status == 200, body
+            assert (body["woken"], body["started"], body["via"]) == (True, False, [])
+            progress = await poll_until(
+                lambda: _waiting(j, more_retries_than=retries),
+                timeout=30,
+                description="the retry to be attempted and fail",
+            )
+
         resident.rules.remove(failing)
         asked_before = dict(resident.state_requests)
         started = time.monotonic()
@@ -164,9 +177,14 @@ async def test_retry_skips_the_backoff_and_asks_via_first(synapse_factory, tls_f
         await resident.stop()
 
 
-async def _waiting(j: Joined) -> dict[str, Any] | None:
+async def _waiting(j: Joined, more_retries_than: int = -1) -> dict[str, Any] | None:
     progress = await j.progress()
-    if progress and progress.get("phase") == "waiting_to_retry" and progress.get("next_retry_ts"):
+    if (
+        progress
+        and progress.get("phase") == "waiting_to_retry"
+        and progress.get("next_retry_ts")
+        and progress.get("retries", 0) > more_retries_than
+    ):
         return progress
     return None
 
