@@ -12,6 +12,8 @@ from synapse.server import HomeServer
 from synapse_fastjoin import patching
 from synapse_fastjoin.admin import servlets as admin_servlets
 from synapse_fastjoin.config import FastJoinConfig, parse_config
+from synapse_fastjoin.federation.destinations import PartialStateDestinations
+from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
@@ -22,7 +24,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 4
+HOOKS_API_VERSION = 6
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -70,6 +72,11 @@ class FastJoinModule:
         if self._is_main_process:
             self.control = RoomControl(api._hs, self.store, self.engine, self.waits)
 
+        # MSC3902 beyond the resync: where our events go while partial, and
+        # /state_ids for them (any process that sends or serves federation).
+        self.destinations = PartialStateDestinations(api._hs)
+        self.own_state_ids = OwnEventStateIds(api._hs)
+
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
             on_resync_started=self._on_resync_started,
@@ -86,6 +93,8 @@ class FastJoinModule:
                 if config.client_wait_timeout_seconds or self.control
                 else None
             ),
+            partial_state_destinations=self.destinations.destinations,
+            state_ids_while_partial=self.own_state_ids.state_ids_while_partial,
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.
@@ -208,6 +217,11 @@ class FastJoinModule:
         if self.metrics is not None:
             await self.metrics.resync_finished(room_id, complete, error)
         await self.store.record_resync_finished(room_id, complete, error, _now_ms())
+        if complete:
+            try:
+                await self.destinations.reconcile(room_id)
+            except Exception:
+                logger.exception("Sending our events to the servers missed in %s failed", room_id)
         if self.metrics is not None:
             await self.metrics.refresh()
 

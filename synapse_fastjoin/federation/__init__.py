@@ -1,0 +1,1 @@
+"""Federation-side behaviour of partial-state rooms (MSC3902)."""
