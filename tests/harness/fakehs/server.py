@@ -174,6 +174,12 @@ class FakeResident:
         self._held: list[tuple[Rule, Callable[[], None]]] = []
         self.received_pdus: list[dict[str, Any]] = []
         self.received_edus: list[dict[str, Any]] = []
+        self.received_by: dict[str, list[dict[str, Any]]] = {}
+        """PDUs received per server we play (the /send's destination)."""
+        self.hidden_servers: set[str] = set()
+        """Servers left out of `/send_join`'s `servers_in_room` (a resident
+        whose view of the room is incomplete)."""
+        self._cert: Any = None
         self.requests: list[tuple[str, str, int]] = []
         """(method, path, status) of every request answered."""
         self.bytes_served: dict[str, int] = {}
@@ -194,15 +200,9 @@ class FakeResident:
         """Listen (one port per persona); each persona joins the room. Returns
         the personas' server names."""
         with open(self.tls.cert_path, "rb") as c, open(self.tls.key_path, "rb") as k:
-            cert = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+            cert = self._cert = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
         for _ in range(self.persona_count):
-            site = Site(_Dispatcher(self))
-            site.noisy = False
-            port = self.reactor.listenSSL(0, site, cert.options(), interface="127.0.0.1")
-            persona = _Persona(port)
-            self.personas.append(persona)
-            site.resource.persona = persona  # type: ignore[attr-defined]
-            self._key_servers.add(persona.server_name)
+            self._listen_persona()
         for persona in self.personas:
             self.room.create_event(
                 persona.user_id,
@@ -223,6 +223,41 @@ class FakeResident:
         if self.netsim_table is not None:
             self.write_netsim_table(self.netsim_table)
         return [p.server_name for p in self.personas]
+
+    def _listen_persona(self) -> _Persona:
+        site = Site(_Dispatcher(self))
+        site.noisy = False
+        port = self.reactor.listenSSL(0, site, self._cert.options(), interface="127.0.0.1")
+        persona = _Persona(port)
+        self.personas.append(persona)
+        site.resource.persona = persona  # type: ignore[attr-defined]
+        self._key_servers.add(persona.server_name)
+        return persona
+
+    def add_persona(self, join: bool = True) -> str:
+        """Play one more resident (after `start()`): a new port and server
+        name whose user joins the room now, the join pushed to the servers
+        that joined through us. Returns its server name."""
+        persona = self._listen_persona()
+        if join:
+            self.membership(persona.user_id, "join")
+        return persona.server_name
+
+    def membership(self, user_id: str, membership: str, sender: str | None = None) -> StoredEvent:
+        """Create a membership event for `user_id` (by `sender`, default the
+        user) and push it to the servers that joined through us."""
+        content: dict[str, Any] = {"membership": membership}
+        event = self.room.create_event(sender or user_id, "m.room.member", content, user_id)
+        self.push(event)
+        return event
+
+    def push(self, event: StoredEvent) -> None:
+        """Send an event of the room to the servers that joined through us."""
+        self._sender.send_pdu(event)
+
+    def serve_keys_for(self, server_name: str) -> None:
+        """Notarise `server_name`'s key (fake.keys) for the servers asking us."""
+        self._key_servers.add(server_name)
 
     def netsim_names(self) -> dict[str, dict[str, Any]]:
         """How a joining server reaches each server of `world` (netsim.py's table)."""
@@ -805,7 +840,7 @@ def _routes(resident: FakeResident) -> list[tuple[str, Pattern[str], str, Callab
             state_ids = list(state.values())
             chain = room.auth_chain(state_ids + list(event["auth_events"]))
         state_ids.sort(key=room.index_of)
-        servers = room.servers_in_room(state)
+        servers = [s for s in room.servers_in_room(state) if s not in resident.hidden_servers]
         room.add(StoredEvent.from_dict(event_id, event))
         joining_server = joiner.split(":", 1)[1]
         if joining_server not in resident.joined_servers:
@@ -890,6 +925,7 @@ def _routes(resident: FakeResident) -> list[tuple[str, Pattern[str], str, Callab
         body = _json_body(request)
         results = {}
         for pdu in body.get("pdus", []):
+            resident.received_by.setdefault(persona.server_name, []).append(pdu)
             resident.accept_pdu(pdu)
             try:
                 results[compute_event_id(room.version, pdu)] = {}
