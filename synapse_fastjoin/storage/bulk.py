@@ -36,20 +36,23 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from synapse.api.constants import EventTypes
 from synapse.events import EventBase, relation_from_event
 from synapse.events.snapshot import EventContext
 from synapse.handlers.worker_lock import NEW_EVENT_DURING_PURGE_LOCK_NAME
 from synapse.metrics import SERVER_NAME_LABEL
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.databases.main.events import (
+    SLIDING_SYNC_RELEVANT_STATE_SET,
     TRACKED_EVENT_TYPES,
     PersistEventsStore,
     event_counter,
     persist_event_counter,
 )
 from synapse.storage.engines import PostgresEngine
+from synapse.util.caches.deferred_cache import DeferredCache
 from synapse.util.duration import Duration
 
 if TYPE_CHECKING:
@@ -167,23 +170,14 @@ def persist_outliers_txn(
             raise Exception(f"Room does not exist {room_id}")
 
     # Cache invalidation after the transaction, for every event handed in
-    # (already stored ones included), exactly as Synapse does.
+    # (already stored ones included), as Synapse does; the invalidations of
+    # Synapse's `_invalidate_caches_for_event` done once per key, not once
+    # per event.
     for event, _ in events:
         main.invalidate_get_event_cache_after_txn(txn, event.event_id)
         if event.redacts:
             main.invalidate_get_event_cache_after_txn(txn, event.redacts)
-        relation = relation_from_event(event)
-        txn.call_after(
-            main._invalidate_caches_for_event,
-            event.internal_metadata.stream_ordering,
-            event.event_id,
-            event.room_id,
-            event.type,
-            getattr(event, "state_key", None),
-            event.redacts,
-            relation.parent_id if relation else None,
-            backfilled=False,
-        )
+    txn.call_after(invalidate_caches_for_outliers, main, [e for e, _ in events])
 
     all_events = events
     events = persist_store._filter_events_and_contexts_for_duplicates(events)
@@ -235,6 +229,94 @@ def persist_outliers_txn(
     # Backfilled events do not touch the sliding-sync tables (Synapse's
     # `_update_sliding_sync_tables_with_new_persisted_events_txn` returns for
     # negative stream orderings) nor current state.
+
+
+# What `CacheInvalidationWorkerStore._invalidate_caches_for_event` (1.163.2)
+# invalidates for an event; tests/unit/test_bulk_writer.py checks this list
+# against that function's source.
+EVENT_CACHES = ("have_seen_event", "get_metadata_for_event")  # (room_id, event_id)
+EVENT_ID_CACHES = ("_get_membership_from_event_id",)  # (event_id,)
+ROOM_CACHES = ("get_latest_event_ids_in_room", "get_unread_event_push_actions_by_room_for_user", "_get_max_event_pos")
+REDACTED_CACHES = ("get_applicable_edit", "get_thread_id", "get_thread_id_for_receipts")  # (redacts,)
+MEMBER_CACHES = (
+    "get_invited_rooms_for_local_user",
+    "get_rooms_for_user",
+    "_get_rooms_for_local_user_where_membership_is_inner",
+    "get_sliding_sync_rooms_for_user_from_membership_snapshots",
+    "get_forgotten_rooms_for_user",
+)  # (state_key,)
+RELATES_TO_CACHES = ("get_references_for_event", "get_applicable_edit", "get_thread_summary", "get_thread_participated")
+ALL_CACHE_NAMES = frozenset(
+    EVENT_CACHES
+    + EVENT_ID_CACHES
+    + ROOM_CACHES
+    + REDACTED_CACHES
+    + MEMBER_CACHES
+    + RELATES_TO_CACHES
+    + ("get_relations_for_event", "did_forget", "get_room_type", "get_room_encryption", "get_threads")
+)
+
+
+def invalidate_caches_for_outliers(store: Any, events: list[EventBase]) -> None:
+    """Invalidate, in this process, what Synapse's `_invalidate_caches_for_event`
+    invalidates for each of `events` (called with `backfilled=False`, as
+    `_persist_events_txn` does), each key once. A cache holding nothing and
+    with no lookup in flight is skipped: invalidating it changes nothing."""
+    keys: dict[str, dict[Any, None]] = {}
+
+    def add(name: str, key: tuple[Any, ...] | None) -> None:
+        keys.setdefault(name, {})[key] = None
+
+    for event in events:
+        event_id, room_id = event.event_id, event.room_id
+        ordering = event.internal_metadata.stream_ordering
+        assert ordering is not None
+        store._invalidate_local_get_event_cache(event_id)
+        for name in EVENT_CACHES:
+            add(name, (room_id, event_id))
+        for name in EVENT_ID_CACHES:
+            add(name, (event_id,))
+        for name in ROOM_CACHES:
+            add(name, (room_id,))
+        store._events_stream_cache.entity_has_changed(room_id, ordering)
+        redacts = event.redacts
+        if redacts:
+            store._invalidate_local_get_event_cache(redacts)
+            add("get_relations_for_event", (room_id, redacts))
+            for name in REDACTED_CACHES:
+                add(name, (redacts,))
+        state_key = event.get_state_key()
+        if event.type == EventTypes.Member:
+            store._membership_stream_cache.entity_has_changed(state_key, ordering)
+            for name in MEMBER_CACHES:
+                add(name, (state_key,))
+            add("did_forget", (state_key, room_id))
+        elif event.type == EventTypes.Create:
+            add("get_room_type", (room_id,))
+        elif event.type == EventTypes.RoomEncryption:
+            add("get_room_encryption", (room_id,))
+        if (event.type, state_key) in SLIDING_SYNC_RELEVANT_STATE_SET:
+            add("get_sliding_sync_rooms_for_user_from_membership_snapshots", None)
+        relation = relation_from_event(event)
+        if relation:
+            add("get_relations_for_event", (room_id, relation.parent_id))
+            for name in RELATES_TO_CACHES:
+                add(name, (relation.parent_id,))
+            add("get_threads", (room_id,))
+
+    for name, wanted in keys.items():
+        cache = getattr(store, name, None) or store.external_cached_functions.get(name)
+        if cache is None:
+            continue  # not loaded in this process
+        if None in wanted:
+            cache.invalidate_all()
+            continue
+        inner = getattr(cache, "cache", None)
+        if isinstance(inner, DeferredCache) and len(inner.cache) == 0 and not inner._pending_deferred_cache:
+            continue
+        invalidate = getattr(cache, "invalidate_local", cache.invalidate)
+        for key in wanted:
+            invalidate(key)
 
 
 def _count_persisted(hs: "HomeServer", events: list[EventPair]) -> None:

@@ -24,7 +24,9 @@ read back through Synapse must be the same too.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,8 +35,10 @@ import pytest
 import pytest_twisted
 
 from synapse.app.homeserver import SynapseHomeServer
+from synapse.events import make_event_from_dict
+from synapse.storage.databases.main.cache import CacheInvalidationWorkerStore
 
-from synapse_fastjoin.storage.bulk import persist_outliers
+from synapse_fastjoin.storage.bulk import ALL_CACHE_NAMES, persist_outliers
 from tests.harness.outliers import (
     Workload,
     dump_tables,
@@ -98,9 +102,26 @@ def homeservers(
                 admin.drop_database(name)
 
 
+def _event_ids(workload: Workload) -> list[str]:
+    return list(
+        dict.fromkeys(
+            make_event_from_dict(dict(item.event), workload.version).event_id
+            for batch in workload.batches
+            for item in batch
+        )
+    )
+
+
 async def _persist(hs: SynapseHomeServer, workload: Workload, bulk: bool) -> float:
-    """Persist the workload; return the seconds spent in persistence."""
+    """Persist the workload; return the seconds spent in persistence.
+
+    Before it, the "not seen" answers for every event are cached (as the engine's
+    own lookups leave them): persistence must invalidate them.
+    """
     await store_room(hs, workload)
+    store = hs.get_datastores().main
+    ids = _event_ids(workload)
+    assert not await store.have_seen_events(workload.room_id, ids)
     handler = hs.get_federation_event_handler()
     spent = 0.0
     for batch in workload.batches:
@@ -207,8 +228,25 @@ async def test_bulk_writer_writes_the_rows_synapse_writes(
     assert s_store._backfill_id_gen.get_current_token() == b_store._backfill_id_gen.get_current_token()
     assert s_store.get_room_max_stream_ordering() == b_store.get_room_max_stream_ordering()
 
+    # Nothing stale in the caches: every event is seen.
+    for name, hs in homeservers.items():
+        ids = _event_ids(workload)
+        seen = await hs.get_datastores().main.have_seen_events(workload.room_id, ids)
+        assert seen == set(ids), f"{name}: {len(ids) - len(seen)} events still cached as not seen"
+
     # The same events cached, and the same events read back.
     s_cached, s_read = await _cached_and_read(homeservers["synapse"], workload)
     b_cached, b_read = await _cached_and_read(homeservers["bulk"], workload)
     assert s_cached == b_cached and s_cached
     assert s_read == b_read
+
+
+def test_batched_invalidation_covers_the_caches_synapse_invalidates() -> None:
+    """The bulk writer invalidates per batch what Synapse's
+    `_invalidate_caches_for_event` invalidates per event: the same caches."""
+    source = inspect.getsource(CacheInvalidationWorkerStore._invalidate_caches_for_event)
+    names = set(re.findall(r'_attempt_to_invalidate_cache\(\s*"([A-Za-z_]+)"', source))
+    assert names == ALL_CACHE_NAMES
+    # And the stream caches and the event cache, per event.
+    for call in ("_membership_stream_cache.entity_has_changed", "_events_stream_cache.entity_has_changed", "_invalidate_local_get_event_cache"):
+        assert call in source
