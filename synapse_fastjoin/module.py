@@ -176,8 +176,7 @@ class FastJoinModule:
         if last and last[0]["outcome"] == OUTCOME_ABORTED:
             # Rejoining a room whose resync an admin aborted.
             await mark_partial_again(self._api._hs, room_id)
-        if self.metrics is not None:
-            await self.metrics.refresh()
+        self._refresh_metrics()
 
     async def _on_resync_started(
         self,
@@ -192,8 +191,7 @@ class FastJoinModule:
             len(other_destinations),
         )
         await self.store.record_resync_started(room_id, _now_ms())
-        if self.metrics is not None:
-            await self.metrics.refresh()  # the join event is stored by now
+        self._refresh_metrics()  # the join event is stored by now
 
     async def _on_resync_finished(
         self, room_id: str, complete: bool, error: str | None
@@ -222,8 +220,15 @@ class FastJoinModule:
                 await self.destinations.reconcile(room_id)
             except Exception:
                 logger.exception("Sending our events to the servers missed in %s failed", room_id)
+        self._refresh_metrics()
+
+    def _refresh_metrics(self) -> None:
+        """Re-read the database gauges, in the background: a join or a resync
+        must not wait for the metrics."""
         if self.metrics is not None:
-            await self.metrics.refresh()
+            self._api.run_as_background_process(
+                "fastjoin_metrics_refresh", self.metrics.refresh
+            )
 
     async def _may_prune_staged_events(self, room_id: str) -> bool:
         """Synapse drops all but the newest of a room's queued inbound events
