@@ -28,6 +28,11 @@ class ResyncConfig:
     persist_batch_size: int = 500
     """Events persisted per database transaction."""
 
+    bulk_writer: bool = True
+    """Persist the state's outliers with `storage/bulk.py` (one transaction per
+    batch, the rows Synapse's own outlier persistence writes) instead of
+    Synapse's `persist_events_and_notify`."""
+
     check_threads: int = 2
     """Worker threads for signature and hash checks."""
 
@@ -149,6 +154,7 @@ _RESYNC_PARSERS = {
     "engine": lambda key, v: _bool(key, v),
     "chunk_size": lambda key, v: _int(key, v, 10),
     "persist_batch_size": lambda key, v: _int(key, v, 1),
+    "bulk_writer": lambda key, v: _bool(key, v),
     "check_threads": lambda key, v: _int(key, v, 1),
     "fetch_method": lambda key, v: _choice(key, v, ("auto", "state", "events")),
     "event_fetch_threshold": lambda key, v: _int(key, v, 0),
