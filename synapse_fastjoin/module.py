@@ -13,6 +13,7 @@ from synapse_fastjoin import patching
 from synapse_fastjoin.admin import servlets as admin_servlets
 from synapse_fastjoin.config import FastJoinConfig, parse_config
 from synapse_fastjoin.federation.destinations import PartialStateDestinations
+from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.waits import FullStateWaits
@@ -24,7 +25,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 6
+HOOKS_API_VERSION = 7
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -76,6 +77,7 @@ class FastJoinModule:
         # /state_ids for them (any process that sends or serves federation).
         self.destinations = PartialStateDestinations(api._hs)
         self.own_state_ids = OwnEventStateIds(api._hs)
+        self.device_list_replay = DeviceListReplay(api._hs)
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
@@ -95,6 +97,7 @@ class FastJoinModule:
             ),
             partial_state_destinations=self.destinations.destinations,
             state_ids_while_partial=self.own_state_ids.state_ids_while_partial,
+            device_list_replay_hosts=self.device_list_replay.replay_hosts,
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.

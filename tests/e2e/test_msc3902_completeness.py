@@ -379,3 +379,63 @@ async def test_device_list_updates_while_partial_do_not_read_the_partial_state_t
         await end_resync(j, resident)
     finally:
         await resident.stop()
+
+
+def device_updates(resident: FakeResident, server: str, user_id: str, device_id: str) -> int:
+    """How many device-list updates of the device `server` received."""
+    return sum(
+        1
+        for edu in resident.received_edus_by.get(server, [])
+        if edu.get("edu_type") == "m.device_list_update"
+        and edu.get("content", {}).get("user_id") == user_id
+        and edu.get("content", {}).get("device_id") == device_id
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_device_list_update_reaches_each_server_once_across_the_resync(
+    synapse_factory, tls_files, tmp_path
+):
+    """A device renamed while partial: the server we joined through and one
+    that joined after us get the update at once, and not again when the
+    resync ends; a server the resident did not tell us about gets it when
+    the resync ends."""
+    resident = await start_resident(tls_files, tmp_path)
+    try:
+        a = resident.server_name
+        hidden = resident.add_persona()
+        resident.hidden_servers.add(hidden)
+        resident.hold(STATE)
+        j = await join(synapse_factory, resident)
+        b = resident.add_persona()
+        await poll_until(
+            lambda: membership(j, f"@resident:{b}") == "join", timeout=30, description="b's join stored"
+        )
+        status, body = await j.client.get("/_matrix/client/v3/devices", timeout=30)
+        assert status == 200, body
+        [device_id] = [d["device_id"] for d in body["devices"]]
+        status, body = await j.client.put(
+            f"/_matrix/client/v3/devices/{quote(device_id)}", {"display_name": "renamed"}, timeout=30
+        )
+        assert status == 200, body
+        await poll_until(
+            lambda: device_updates(resident, a, j.user_id, device_id) >= 1
+            and device_updates(resident, b, j.user_id, device_id) >= 1,
+            timeout=30,
+            description="the update at a and b",
+        )
+        assert device_updates(resident, hidden, j.user_id, device_id) == 0
+        assert is_partial(j)
+
+        await end_resync(j, resident)
+        await poll_until(
+            lambda: device_updates(resident, hidden, j.user_id, device_id) >= 1,
+            timeout=30,
+            description="the update at the server we did not know of",
+        )
+        await sleep(3)
+        assert device_updates(resident, a, j.user_id, device_id) == 1
+        assert device_updates(resident, b, j.user_id, device_id) == 1, "sent twice to b"
+        assert device_updates(resident, hidden, j.user_id, device_id) == 1
+    finally:
+        await resident.stop()

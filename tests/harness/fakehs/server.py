@@ -176,6 +176,8 @@ class FakeResident:
         self.received_edus: list[dict[str, Any]] = []
         self.received_by: dict[str, list[dict[str, Any]]] = {}
         """PDUs received per server we play (the /send's destination)."""
+        self.received_edus_by: dict[str, list[dict[str, Any]]] = {}
+        """EDUs received per server we play."""
         self.hidden_servers: set[str] = set()
         """Servers left out of `/send_join`'s `servers_in_room` (a resident
         whose view of the room is incomplete)."""
@@ -932,6 +934,7 @@ def _routes(resident: FakeResident) -> list[tuple[str, Pattern[str], str, Callab
             except Exception:
                 pass
         resident.received_edus.extend(body.get("edus", []))
+        resident.received_edus_by.setdefault(persona.server_name, []).extend(body.get("edus", []))
         return encode_canonical_json({"pdus": results})
 
     def user_devices(persona: _Persona, request: Request, user_id: str) -> bytes:
