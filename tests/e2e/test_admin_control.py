@@ -467,3 +467,48 @@ async def test_an_abort_cut_by_a_restart_is_finished_by_the_next_start(
         resident.release()
     finally:
         await resident.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_synapse_killed_during_an_abort_ends_aborted_or_untouched(
+    synapse_factory, tls_files, tmp_path
+):
+    """The joiner is frozen and killed as soon as it logs the start of an
+    abort, then started again: the room ends either aborted (user gone, no
+    partial rows, history `aborted`) or, if the kill came before the abort was
+    recorded, with a completed resync; never half of each."""
+    from tests.e2e.test_resync_bad_input import LogFollower
+
+    resident = await start_resident(tls_files, tmp_path)
+    try:
+        resident.hold(STATE)
+        j = await join(synapse_factory, resident)
+        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT, description="/state held")
+        log = LogFollower(j.joiner.log_path)
+        request = defer.ensureDeferred(j.client.post(room_path(j, "abort"), {}, timeout=20))
+        request.addErrback(lambda _: None)  # the server dies under it
+        await poll_until(
+            lambda: log.seen("Abort of the resync of"),
+            timeout=TIMEOUT,
+            interval=0.005,
+            description="the abort to start",
+        )
+        j.joiner.pause()
+        j.joiner.kill()
+        await request
+        j.joiner.start()
+        resident.release()
+        await poll_until(lambda: no_partial_rows(j), timeout=TIMEOUT, description="the room to leave partial state")
+        rows = await outcomes(j, 1)
+        membership = j.q(
+            "SELECT membership FROM local_current_membership WHERE room_id = ? AND user_id = ?",
+            j.room_id,
+            j.user_id,
+        )
+        assert (rows, membership) in (
+            (["aborted"], [("leave",)]),
+            (["complete"], [("join",)]),
+        ), (rows, membership)
+        assert j.q("SELECT count(*) FROM fastjoin_rooms") == [(0,)]
+    finally:
+        await resident.stop()
