@@ -50,7 +50,7 @@ async def federation_request(
     origin: str,
     method: str,
     path: str,
-    params: dict[str, str] | None = None,
+    params: Any = None,
     content: Any = None,
     timeout: float = 30,
 ) -> tuple[int, Any]:

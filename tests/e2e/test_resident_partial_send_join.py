@@ -1,0 +1,268 @@
+"""The resident side of MSC3706, served by a patched Synapse (patch 0014).
+
+A patched Synapse holds a restricted room; a remote server (one of the fake's
+server names, whose keys the fake notarises) joins it with `/make_join` and a
+partial `/send_join` (`omit_members=true`), signing its own requests and
+events (tests/harness/fedclient.py). The answer must let the joining server
+check its own join: the join event's auth events, the membership of the user
+who authorised the join among them, are in `auth_chain` even though memberships
+are left out of `state`. A join that names an authoriser it cannot show is
+refused.
+
+`FASTJOIN_RESIDENT_BENCH=2000,20000` (sizes) runs the measurement instead:
+stock and patched Synapse join a generated room of that many members through
+the fake resident, finish the resync, and then answer partial and full
+`/send_join`s of new remote users; time and the server's peak RSS per answer
+are written to `docs/bench/resident-send-join.json` and `.md`.
+"""
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.e2e.test_fake_resident import trusting
+from tests.harness.client import poll_until, quote
+from tests.harness.fakehs.events import finalise_event, room_version
+from tests.harness.fakehs.room import RoomSpec, load_or_generate
+from tests.harness.fakehs.server import FakeResident
+from tests.harness.fedclient import federation_request
+from tests.harness.synapse import merge_config
+
+REMOTE = "joiner2.fake"
+MODULE = {"modules": [{"module": "synapse_fastjoin.FastJoinModule", "config": {}}]}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def make_join(hs: Any, room_id: str, user_id: str) -> tuple[dict[str, Any], str]:
+    origin = user_id.split(":", 1)[1]
+    status, body = await federation_request(
+        hs.federation_url, hs.server_name, origin, "GET",
+        f"/_matrix/federation/v1/make_join/{quote(room_id)}/{quote(user_id)}",
+        params=[("ver", v) for v in ("10", "11", "12")],
+    )
+    assert status == 200, body
+    return body["event"], body["room_version"]
+
+
+async def send_join(
+    hs: Any, event: dict[str, Any], version: str, omit_members: bool = True, timeout: float = 120
+) -> tuple[int, Any, float]:
+    """Sign `event` as its sender's server and send it; (status, body, seconds)."""
+    origin = event["sender"].split(":", 1)[1]
+    event_id = finalise_event(room_version(version), event, origin)
+    started = time.monotonic()
+    status, body = await federation_request(
+        hs.federation_url, hs.server_name, origin, "PUT",
+        f"/_matrix/federation/v2/send_join/{quote(event['room_id'])}/{quote(event_id)}",
+        params={"omit_members": "true" if omit_members else "false"},
+        content=event,
+        timeout=timeout,
+    )
+    return status, body, time.monotonic() - started
+
+
+async def join_remote(hs: Any, room_id: str, user_id: str) -> dict[str, Any]:
+    event, version = await make_join(hs, room_id, user_id)
+    status, body, _ = await send_join(hs, event, version)
+    assert status == 200, body
+    return body
+
+
+async def state_event_id(client: Any, room_id: str, user_id: str) -> str:
+    status, body = await client.get(f"/_matrix/client/v3/rooms/{quote(room_id)}/state", timeout=30)
+    assert status == 200, body
+    [event_id] = [e["event_id"] for e in body if e["type"] == "m.room.member" and e["state_key"] == user_id]
+    return event_id
+
+
+async def joined(client: Any, room_id: str) -> set[str]:
+    status, body = await client.get(f"/_matrix/client/v3/rooms/{quote(room_id)}/joined_members", timeout=30)
+    assert status == 200, body
+    return set(body["joined"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_partial_send_join_carries_the_joins_own_auth_chain_in_a_restricted_room(
+    synapse_factory, tls_files, tmp_path
+):
+    """The authorising user's membership is in the partial answer's
+    auth_chain (not in its state: memberships are omitted); joins naming an
+    authoriser that is not in the room, or not on this server, are refused."""
+    notary = FakeResident(load_or_generate(RoomSpec(members=2, servers=1, history=1), tmp_path / "rooms"), tls_files)
+    notary.start()
+    notary.serve_keys_for(REMOTE)
+    try:
+        hs = synapse_factory(variant="patched", name="resident", config=merge_config(trusting(notary), MODULE))
+        creator_id, token = hs.register_user("creator")
+        creator = hs.client(token)
+        space = await creator.create_room(preset="public_chat", creation_content={"type": "m.space"})
+        room = await creator.create_room(
+            preset="private_chat",
+            name="Restricted",  # named: no heroes' memberships in the partial state
+            power_level_content_override={"invite": 0},
+            initial_state=[
+                {
+                    "type": "m.room.join_rules",
+                    "state_key": "",
+                    "content": {
+                        "join_rule": "restricted",
+                        "allow": [{"type": "m.room_membership", "room_id": space}],
+                    },
+                }
+            ],
+        )
+        mod_id, mod_token = hs.register_user("mod")
+        mod = hs.client(mod_token)
+        await mod.join(space, timeout=30)
+        await mod.join(room, timeout=30)
+        mod_member = await state_event_id(creator, room, mod_id)
+        creator_member = await state_event_id(creator, room, creator_id)
+
+        alice = f"@alice:{REMOTE}"
+        await join_remote(hs, space, alice)
+        event, version = await make_join(hs, room, alice)
+        # The join is authorised by mod: a user whose membership no other
+        # state event of the room refers to.
+        if event["content"].get("join_authorised_via_users_server") != mod_id:
+            event["content"]["join_authorised_via_users_server"] = mod_id
+            event["auth_events"] = [a for a in event["auth_events"] if a != creator_member] + [mod_member]
+        assert mod_member in event["auth_events"]
+        status, body, _ = await send_join(hs, event, version)
+        assert status == 200, body
+        assert body["members_omitted"] is True
+        chain_types = {(e["type"], e.get("state_key")) for e in body["auth_chain"]}
+        state_types = {(e["type"], e.get("state_key")) for e in body["state"]}
+        assert ("m.room.member", mod_id) in chain_types, (chain_types, state_types)
+        assert ("m.room.member", mod_id) not in state_types
+        assert not [t for t in state_types if t[0] == "m.room.member" and t[1] != alice], state_types
+        # Every auth event of the join is in the answer.
+        sent = {(e["type"], e.get("state_key")) for e in body["state"] + body["auth_chain"]}
+        assert ("m.room.join_rules", "") in sent and ("m.room.power_levels", "") in sent
+        assert alice in await joined(creator, room)
+
+        # Bad input: the claimed authoriser is not in the room.
+        ghost_id, _ = hs.register_user("ghost")
+        bob = f"@bob:{REMOTE}"
+        await join_remote(hs, space, bob)
+        event, version = await make_join(hs, room, bob)
+        event["content"]["join_authorised_via_users_server"] = ghost_id
+        status, body, _ = await send_join(hs, event, version)
+        assert 400 <= status < 500, body
+        # ... or is on another server (which this server cannot sign for).
+        event, version = await make_join(hs, room, bob)
+        event["content"]["join_authorised_via_users_server"] = f"@someone:{REMOTE}"
+        status, body, _ = await send_join(hs, event, version)
+        assert 400 <= status < 500, body
+        assert bob not in await joined(creator, room)
+    finally:
+        await notary.stop()
+
+
+# The measurement (FASTJOIN_RESIDENT_BENCH).
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _measure(hs: Any, room_id: str, user_id: str, omit_members: bool) -> dict[str, Any]:
+    event, version = await make_join(hs, room_id, user_id)
+    _reset_peak(hs.pid)
+    before = _rss_kib(hs.pid)
+    status, body, seconds = await send_join(hs, event, version, omit_members=omit_members, timeout=600)
+    assert status == 200, str(body)[:300]
+    return {
+        "seconds": seconds,
+        "rss_growth_mib": (_peak_rss_kib(hs.pid) - before) / 1024,
+        "state": len(body["state"]),
+        "auth_chain": len(body["auth_chain"]),
+        "bytes": len(json.dumps(body)),
+    }
+
+
+@pytest.mark.skipif(not os.environ.get("FASTJOIN_RESIDENT_BENCH"), reason="set FASTJOIN_RESIDENT_BENCH=sizes")
+@pytest_twisted.ensureDeferred
+async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
+    sizes = [int(s) for s in os.environ["FASTJOIN_RESIDENT_BENCH"].split(",")]
+    repeats = int(os.environ.get("FASTJOIN_RESIDENT_BENCH_REPEATS", "3"))
+    results: list[dict[str, Any]] = []
+    for n in sizes:
+        spec = RoomSpec(members=n, servers=1, history=10)
+        for variant in ("stock", "patched"):
+            resident = FakeResident(load_or_generate(spec), tls_files)
+            resident.start()
+            resident.serve_keys_for(REMOTE)
+            try:
+                config = trusting(resident)
+                if variant == "patched":
+                    config = merge_config(config, MODULE)
+                hs = synapse_factory(variant=variant, name=f"{variant}-{n}", config=config)
+                _, token = hs.register_user("admin", admin=True)
+                client = hs.client(token)
+                await client.join(resident.room.room_id, server_name=resident.server_name, timeout=3600)
+                # Full state first (a request that waits for the resync).
+                status, body = await client.get(
+                    f"/_matrix/client/v3/rooms/{quote(resident.room.room_id)}/joined_members", timeout=3600
+                )
+                assert status == 200 and len(body["joined"]) >= n, status
+                await poll_until(
+                    lambda: hs.database.query("SELECT count(*) FROM partial_state_rooms") == [(0,)],
+                    timeout=600,
+                    description="the resync to end",
+                )
+                room_id = resident.room.room_id
+                await _measure(hs, room_id, f"@warmup:{REMOTE}", True)
+                for omit in (True, False):
+                    runs = [
+                        await _measure(hs, room_id, f"@{'p' if omit else 'f'}{i}:{REMOTE}", omit)
+                        for i in range(repeats)
+                    ]
+                    results.append(
+                        {
+                            "members": n,
+                            "variant": variant,
+                            "send_join": "partial" if omit else "full",
+                            "seconds": statistics.median(r["seconds"] for r in runs),
+                            "rss_growth_mib": statistics.median(r["rss_growth_mib"] for r in runs),
+                            "state": runs[-1]["state"],
+                            "auth_chain": runs[-1]["auth_chain"],
+                            "bytes": runs[-1]["bytes"],
+                            "runs": runs,
+                        }
+                    )
+                hs.stop()
+            finally:
+                await resident.stop()
+    out = Path(os.environ.get("FASTJOIN_RESIDENT_BENCH_OUT", ROOT / "docs/bench/resident-send-join"))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    lines = [
+        "| members | variant | /send_join | time (median) | peak RSS growth | state | auth_chain | bytes |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['members']:,} | {r['variant']} | {r['send_join']} | {r['seconds'] * 1000:.0f} ms"
+            f" | {r['rss_growth_mib']:.1f} MiB | {r['state']:,} | {r['auth_chain']:,} | {r['bytes']:,} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
