@@ -512,3 +512,49 @@ async def test_synapse_killed_during_an_abort_ends_aborted_or_untouched(
         assert j.q("SELECT count(*) FROM fastjoin_rooms") == [(0,)]
     finally:
         await resident.stop()
+
+
+@pytest.mark.parametrize("action", ["retry", "abort"])
+@pytest_twisted.ensureDeferred
+async def test_retry_and_abort_while_catching_up(synapse_factory, tls_files, tmp_path, action):
+    """Events arrive while the room is partial; once the state at the join is
+    in, the engine brings them to full state one by one (catchup_batch_size 1,
+    so that this takes seconds). A retry then changes nothing (the resync
+    completes); an abort stops it between two events."""
+    resident = await start_resident(tls_files, tmp_path)
+    try:
+        resident.hold(STATE)
+        j = await join(synapse_factory, resident, catchup_batch_size=1)
+        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT, description="/state held")
+        count = 120
+        resident.inject(rate=20, count=count)
+        await poll_until(
+            lambda: j.q("SELECT count(*) FROM partial_state_events")[0][0] >= count + 1,
+            timeout=TIMEOUT,
+            description="the live events to be stored as partial-state events",
+        )
+        resident.release()
+        await poll_until(
+            lambda: _in_phase(j, "catching_up"), timeout=TIMEOUT, interval=0.02,
+            description="the catch-up",
+        )
+        status, body = await j.client.post(room_path(j, action), {})
+        assert status == 200, body
+        if action == "retry":
+            assert (body["running"], body["woken"], body["started"]) == (True, False, False)
+            await assert_complete(j)
+            assert await outcomes(j, 1) == ["complete"]
+            return
+        assert body["resync_was_running"] is True
+        assert no_partial_rows(j)
+        assert [o for o, _ in history(j)] == ["aborted"]
+        # It stopped between two events, by itself, not cancelled half-way.
+        log = j.joiner.read_log()
+        assert "aborted by a server admin" in log
+        assert "Re-starting finished log context" not in log
+    finally:
+        await resident.stop()
+
+
+async def _in_phase(j: Joined, wanted: str) -> bool:
+    return (await phase(j)) == wanted
