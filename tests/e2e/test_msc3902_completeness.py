@@ -88,7 +88,7 @@ async def end_resync(j: Joined, resident: FakeResident) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_own_events_reach_servers_that_join_while_partial_and_stop_when_they_leave(
-    synapse_factory, tls_files, tmp_path
+    synapse_factory, tls_files, tmp_path, db_backend
 ):
     """A server that joins after us gets our events while the room is partial
     and stops getting them once it left; a membership event from a server never
@@ -172,7 +172,7 @@ async def test_own_events_reach_servers_that_join_while_partial_and_stop_when_th
 
 @pytest_twisted.ensureDeferred
 async def test_state_ids_for_own_events_while_partial_and_msc3895_for_others(
-    synapse_factory, tls_files, tmp_path
+    synapse_factory, tls_files, tmp_path, db_backend
 ):
     """While partial, `/state_ids` at an event we created is answered with the
     state we computed for it; at another server's event it is still MSC3895's
@@ -394,7 +394,7 @@ def device_updates(resident: FakeResident, server: str, user_id: str, device_id:
 
 @pytest_twisted.ensureDeferred
 async def test_local_device_list_update_reaches_each_server_once_across_the_resync(
-    synapse_factory, tls_files, tmp_path
+    synapse_factory, tls_files, tmp_path, db_backend
 ):
     """A device renamed while partial: the server we joined through and one
     that joined after us get the update at once, and not again when the
