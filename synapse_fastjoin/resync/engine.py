@@ -47,6 +47,7 @@ from synapse.util.duration import Duration
 
 from synapse_fastjoin.resync.fetch import StateFetcher
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
+from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
 from synapse_fastjoin.resync.progress import (
     PHASE_CATCHUP,
     PHASE_DONE,
@@ -445,21 +446,12 @@ class _RoomResync:
     async def _partial_state_events_in_order(self) -> list[EventBase]:
         """The room's partial-state events, parents before children (by depth,
         then stream order), a page at a time."""
-
-        def txn(txn: Any) -> list[str]:
-            txn.execute(
-                """
-                SELECT p.event_id FROM partial_state_events AS p
-                INNER JOIN events AS e USING (event_id)
-                WHERE p.room_id = ?
-                ORDER BY e.topological_ordering, e.stream_ordering
-                LIMIT ?
-                """,
-                (self._room_id, self._config.catchup_batch_size),
-            )
-            return [row[0] for row in txn]
-
-        ids = await self._main.db_pool.runInteraction("fastjoin_partial_state_events", txn)
+        ids = await self._main.db_pool.runInteraction(
+            "fastjoin_partial_state_events",
+            partial_state_events_in_order_txn,
+            self._room_id,
+            self._config.catchup_batch_size,
+        )
         return await self._main.get_events_as_list(
             ids, redact_behaviour=EventRedactBehaviour.as_is, allow_rejected=True
         )

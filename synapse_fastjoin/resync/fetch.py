@@ -24,22 +24,21 @@ we lack, build the state map) without its limits:
 import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterable
 
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
+from synapse.api.constants import RejectedReason
 from synapse.api.errors import AuthError, EventSizeError
 from synapse.api.room_versions import RoomVersion
-from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS, _FetchKeyRequest
 from synapse.event_auth import (
     check_state_dependent_auth_rules,
     check_state_independent_auth_rules,
     validate_event_for_room_version,
 )
-from synapse.events import EventBase, make_event_from_dict
+from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
-from synapse.http.matrixfederationclient import MatrixFederationRequest
 from synapse.logging.context import (
     PreserveLoggingContext,
     current_context,
@@ -49,21 +48,23 @@ from synapse.logging.context import (
 )
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 from synapse.types import StateMap
-from synapse.api.constants import RejectedReason
 from synapse.util.async_helpers import Linearizer
 from synapse.util.duration import Duration
 from synapse.util.iterutils import batch_iter, sorted_topologically
-from signedjson.key import encode_verify_key_base64
 
-from synapse_fastjoin.resync.checks import KeyInfo, check_chunk, run_spam_checks, wanted_key_ids
+from synapse_fastjoin.resync import requests
+from synapse_fastjoin.resync.checks import check_chunk, run_spam_checks
+from synapse_fastjoin.resync.keys import SigningKeys
+from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered, NotFound
 from synapse_fastjoin.resync.progress import (
     PHASE_EVENTS,
     PHASE_STATE,
     PHASE_STATE_IDS,
     ResyncProgress,
 )
-from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered, NotFound
 from synapse_fastjoin.resync.stream import StateBodyReader
+from synapse_fastjoin.storage.bulk import persist_outliers
+from synapse_fastjoin.storage.events import stored_event_ids_txn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -71,8 +72,6 @@ if TYPE_CHECKING:
     from synapse_fastjoin.config import ResyncConfig
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class StateFetcher:
@@ -99,12 +98,10 @@ class StateFetcher:
         self._clock = hs.get_clock()
         self._reactor = hs.get_reactor()
         self._http = hs.get_federation_http_client()
-        self._keyring = hs.get_keyring()
         self._federation_event_handler = hs.get_federation_event_handler()
-        self._keys: dict[tuple[str, str], KeyInfo] = {}
-        self._keys_tried: set[tuple[str, str]] = set()
+        self._keys = SigningKeys(hs, room_id, room_version)
+        self._timeout_ms = config.request_timeout_seconds * 1000
         self._key_problem_ids: set[str] = set()
-        self._keys_linearizer = Linearizer(name="fastjoin_keys", clock=self._clock)
         self._persist_lock = Linearizer(name="fastjoin_persist", clock=self._clock)
         # Per fetch_state_after call:
         self._missing: set[str] = set()
@@ -128,7 +125,9 @@ class StateFetcher:
         await self._destinations.refresh()
         _, (state_ids, auth_ids) = await self._destinations.race(
             "/state_ids",
-            lambda dest: self._get_state_ids(dest, event_id),
+            lambda dest: requests.get_state_ids(
+                self._http, dest, self._room_id, event_id, self._timeout_ms
+            ),
             on_attempt=self._attempting,
         )
         promised = set(state_ids)
@@ -188,29 +187,6 @@ class StateFetcher:
         self._auth_cache.clear()
         return state_map
 
-    async def _get_state_ids(self, destination: str, event_id: str) -> tuple[list[str], list[str]]:
-        """/state_ids, ignoring Synapse's per-destination backoff: the engine
-        has its own, and one failure must not lock a room's only resident out
-        of its resync for Synapse's 10 minutes."""
-        doc = await self._http.get_json(
-            destination,
-            path=f"/_matrix/federation/v1/state_ids/{_quote(self._room_id)}",
-            args={"event_id": event_id},
-            timeout=self._config.request_timeout_seconds * 1000,
-            ignore_backoff=True,
-            try_trailing_slash_on_400=True,
-        )
-        state_ids = doc.get("pdu_ids") if isinstance(doc, dict) else None
-        auth_ids = doc.get("auth_chain_ids", []) if isinstance(doc, dict) else None
-        if (
-            not isinstance(state_ids, list)
-            or not isinstance(auth_ids, list)
-            or not all(isinstance(i, str) for i in state_ids)
-            or not all(isinstance(i, str) for i in auth_ids)
-        ):
-            raise ValueError("invalid /state_ids response")
-        return state_ids, auth_ids
-
     async def _fetch_missing(self, at_event_id: str) -> set[str]:
         """Fetch rounds until nothing is missing. Returns the events no server
         would give us although at least one answered the round completely."""
@@ -220,7 +196,7 @@ class StateFetcher:
             before_missing = set(self._missing)
             complete_round = False
             # Keys that could not be fetched are asked for again each round.
-            self._keys_tried.clear()
+            self._keys.new_round()
             self._key_problem_ids = set()
             # /state is the state *before* the event: the event itself always
             # comes from /event.
@@ -303,14 +279,8 @@ class StateFetcher:
         """
 
         async def open_response(destination: str) -> Any:
-            request = MatrixFederationRequest(
-                method="GET",
-                destination=destination,
-                path=f"/_matrix/federation/v1/state/{_quote(self._room_id)}",
-                query={"event_id": at_event_id},
-            )
-            return await self._http._send_request(
-                request, timeout=self._config.request_timeout_seconds * 1000, ignore_backoff=True
+            return await requests.open_state(
+                self._http, destination, self._room_id, at_event_id, self._timeout_ms
             )
 
         broken: list[str] = []
@@ -398,7 +368,7 @@ class StateFetcher:
             await self._auth_and_persist(result)
 
     async def _check(self, chunk: list[dict[str, Any]]) -> Any:
-        await self._ensure_keys(chunk)
+        await self._keys.ensure(chunk)
         result = await defer_to_threadpool(
             self._reactor,
             self._threadpool,
@@ -408,7 +378,7 @@ class StateFetcher:
             self._room_id,
             self._promised,
             self._missing,
-            dict(self._keys),
+            self._keys.snapshot(),
         )
         # What Synapse's _check_sigs_and_hash does after the signatures and
         # hashes: the room's policy server and the spam checkers (on the
@@ -431,57 +401,6 @@ class StateFetcher:
                 self._room_id, result.spam, result.policy_refused,
             )
         return result
-
-    async def _ensure_keys(self, chunk: list[dict[str, Any]]) -> None:
-        """Fetch, through Synapse's keyring, the keys the chunk is signed with
-        that we do not have yet (each is asked for once per run). Serialised,
-        so a chunk never goes on while another is still fetching its keys."""
-        async with self._keys_linearizer.queue(self._room_id):
-            await self._ensure_keys_locked(chunk)
-
-    async def _ensure_keys_locked(self, chunk: list[dict[str, Any]]) -> None:
-        needed: dict[str, set[str]] = {}
-        min_ts: dict[str, int] = {}
-        for pdu in chunk:
-            for server, key_id in wanted_key_ids(pdu, self._room_version):
-                if (server, key_id) in self._keys or (server, key_id) in self._keys_tried:
-                    continue
-                needed.setdefault(server, set()).add(key_id)
-                ts = pdu.get("origin_server_ts") if self._room_version.enforce_key_validity else 0
-                if isinstance(ts, int):
-                    min_ts[server] = max(min_ts.get(server, 0), ts)
-        if not needed:
-            return
-
-        async def fetch(server: str) -> None:
-            key_ids = needed[server]
-            self._keys_tried.update((server, k) for k in key_ids)
-            if self._hs.is_mine_server_name(server):
-                found = {k: v for k, v in self._keyring._local_verify_keys.items() if k in key_ids}
-            else:
-                request = _FetchKeyRequest(
-                    server_name=server,
-                    minimum_valid_until_ts=min_ts.get(server, 0),
-                    key_ids=sorted(key_ids),
-                )
-                try:
-                    by_server = await self._keyring._fetch_keys_queue.add_to_queue(
-                        request, key=server
-                    )
-                except Exception as e:
-                    logger.warning("Resync of %s: fetching keys of %s failed: %s", self._room_id, server, e)
-                    return
-                found = by_server.get(server, {})
-            for key_id, result in found.items():
-                if encode_verify_key_base64(result.verify_key) in BANNED_SERVER_SIGNING_KEYS:
-                    continue
-                self._keys[(server, key_id)] = KeyInfo(result.verify_key, result.valid_until_ts)
-
-        await make_deferred_yieldable(
-            defer.gatherResults(
-                [run_in_background(fetch, server) for server in needed], consumeErrors=True
-            )
-        )
 
     # /event, spread over several servers.
 
@@ -520,25 +439,11 @@ class StateFetcher:
         async def get_one(event_id: str) -> None:
             async def ask(dest: str) -> dict[str, Any]:
                 started = time.monotonic()
-                doc = await self._http.get_json(
-                    dest,
-                    path=f"/_matrix/federation/v1/event/{_quote(event_id)}",
-                    timeout=self._config.request_timeout_seconds * 1000,
-                    ignore_backoff=True,
+                pdu = await requests.get_event(
+                    self._http, dest, self._room_id, self._room_version, event_id, self._timeout_ms
                 )
-                found = doc.get("pdus") if isinstance(doc, dict) else None
-                if not isinstance(found, list) or len(found) != 1 or not isinstance(found[0], dict):
-                    raise BadAnswer(f"/event {event_id}: no single event in the answer")
-                if found[0].get("room_id") != self._room_id:
-                    raise BadAnswer(f"/event {event_id}: an event of another room")
-                try:
-                    served_id = make_event_from_dict(found[0], self._room_version).event_id
-                except Exception as e:
-                    raise BadAnswer(f"/event {event_id}: not an event: {e}") from None
-                if served_id != event_id:
-                    raise BadAnswer(f"/event {event_id}: served {served_id} instead")
                 latencies.append(time.monotonic() - started)
-                return found[0]
+                return pdu
 
             try:
                 _, pdu = await self._destinations.race(f"/event {event_id}", ask, hedge_seconds=hedge())
@@ -678,9 +583,14 @@ class StateFetcher:
             if (i + 1) % 200 == 0:
                 await self._clock.sleep(Duration(seconds=0))
         if to_persist:
-            await self._federation_event_handler.persist_events_and_notify(
-                self._room_id, to_persist, backfilled=True
-            )
+            if self._config.bulk_writer:
+                # The same rows as Synapse's outlier persistence, in one
+                # transaction per batch (storage/bulk.py; parity-tested).
+                await persist_outliers(self._hs, self._room_id, to_persist)
+            else:
+                await self._federation_event_handler.persist_events_and_notify(
+                    self._room_id, to_persist, backfilled=True
+                )
         for event, _ in to_persist:
             self._missing.discard(event.event_id)
             self._auth_cache[event.event_id] = event
@@ -691,28 +601,16 @@ class StateFetcher:
     # Helpers.
 
     async def _stored_event_ids(self, event_ids: Iterable[str]) -> set[str]:
-        """Which of `event_ids` are in the events table (one query per 1000)."""
+        """Which of `event_ids` are in the events table."""
         found: set[str] = set()
-        ids = list(event_ids)
-
-        def txn(txn: Any, batch: list[str]) -> list[str]:
-            placeholders = ",".join("?" for _ in batch)
-            txn.execute(f"SELECT event_id FROM events WHERE event_id IN ({placeholders})", batch)
-            return [row[0] for row in txn]
-
-        def many(txn_: Any, batches: list[list[str]]) -> list[str]:
-            out: list[str] = []
-            for b in batches:
-                out.extend(txn(txn_, b))
-            return out
-
-        for group in batch_iter(list(batch_iter(ids, 1000)), 20):
+        for group in batch_iter(list(event_ids), 20000):
             found.update(
                 await self._store.db_pool.runInteraction(
-                    "fastjoin_stored_event_ids", many, [list(b) for b in group]
+                    "fastjoin_stored_event_ids", stored_event_ids_txn, group
                 )
             )
         return found
+
 
 # Events kept in memory as possible auth events of the next batches.
 _AUTH_CACHE_SIZE = 2000
@@ -756,10 +654,6 @@ async def auth_events_for_batch(
     return auth_map
 
 
-class BadAnswer(Exception):
-    """A server answered with something other than what was asked for."""
-
-
 # Estimated cost to this server, in ms, of what /state and /event differ in:
 # an /event request (client, TLS, JSON and logging overhead), a /state
 # request, and each item /state sends that we hold already (transfer, parse,
@@ -770,9 +664,3 @@ _STATE_ITEM_MS = 0.03
 # Events fetched with /event are checked and persisted in chunks this big, so
 # progress moves while they arrive.
 _EVENT_FLUSH = 100
-
-
-def _quote(s: str) -> str:
-    import urllib.parse
-
-    return urllib.parse.quote(s, safe="")
