@@ -335,6 +335,7 @@ class StateFetcher:
             return d
 
         promised_count = len(self._promised)
+
         def on_data(items: int, nbytes: int) -> None:
             self._progress.fetched += items
             self._progress.bytes_received += nbytes
@@ -350,6 +351,10 @@ class StateFetcher:
         response.deliverBody(reader)
         try:
             await make_deferred_yieldable(reader.done)
+        except defer.CancelledError:
+            # Stop reading: nothing more is handed on in a context that ended.
+            reader.reject("the resync was cancelled")
+            raise
         finally:
             # Whatever happened, let the chunks already handed on finish
             # (their events are kept) before the round ends.
@@ -464,9 +469,17 @@ class StateFetcher:
                 await get_one(queue.pop())
 
         workers = min(self._config.event_fetch_concurrency, total)
-        await make_deferred_yieldable(
-            defer.gatherResults([run_in_background(worker) for _ in range(workers)], consumeErrors=True)
-        )
+        try:
+            await make_deferred_yieldable(
+                defer.gatherResults(
+                    [run_in_background(worker) for _ in range(workers)], consumeErrors=True
+                )
+            )
+        except defer.CancelledError:
+            queue.clear()
+            for d in flushing:
+                d.cancel()
+            raise
         flush()
         await make_deferred_yieldable(defer.gatherResults(flushing, consumeErrors=True))
         # Complete if every event was served, or said not to exist, by someone.
