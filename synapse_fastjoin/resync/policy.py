@@ -71,11 +71,14 @@ class FetchPolicy:
     """The servers of one room's resync, ranked, and hedged requests to them.
 
     Args:
-        own_server_name: never asked.
-        hedge_seconds: how long the best server has before the next is asked too.
-        max_in_flight: at most this many servers asked at once for one thing.
-        servers_per_attempt: how many servers one `race` may try before it
-            gives up (the caller backs off, then asks again).
+        hs: the homeserver (its name is never asked; its reactor times hedges).
+        config: `hedge_seconds` (how long the best server has before the next
+            is asked too), `parallel_servers` (at most this many asked at once
+            for one thing) and `servers_per_attempt` (how many one `race` may
+            try before it gives up; the caller backs off, then asks again).
+        room_id: the room being resynced.
+        store: where the module keeps what each server did in this room, and
+            reads Synapse's backoff; None keeps nothing (tests).
     """
 
     def __init__(
