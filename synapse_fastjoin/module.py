@@ -8,6 +8,7 @@ from synapse.config._base import ConfigError
 from synapse.http.server import HttpServer
 from synapse.module_api import ModuleApi
 from synapse.server import HomeServer
+from synapse.util.duration import Duration
 
 from synapse_fastjoin import patching
 from synapse_fastjoin.admin import servlets as admin_servlets
@@ -32,6 +33,10 @@ _DAY_MS = 24 * 60 * 60 * 1000
 # Synapse prunes a room's inbound queue once this many events wait
 # (EventFederationWorkerStore.prune_staged_events_in_room).
 _PRUNE_THRESHOLD = 100
+
+# How long after a join or a resync's start or end the metrics' database
+# gauges are re-read (they are also re-read every 15 s).
+_METRICS_REFRESH_DELAY_SECONDS = 2
 
 
 def _now_ms() -> int:
@@ -172,11 +177,10 @@ class FastJoinModule:
             join_event_id,
             len(servers_in_room),
         )
-        await self.store.record_partial_state_join(
+        last_outcome = await self.store.record_partial_state_join(
             room_id, join_event_id, joined_via, _now_ms()
         )
-        last = await self.store.get_history(room_id, 1)
-        if last and last[0]["outcome"] == OUTCOME_ABORTED:
+        if last_outcome == OUTCOME_ABORTED:
             # Rejoining a room whose resync an admin aborted.
             await mark_partial_again(self._api._hs, room_id)
         self._refresh_metrics()
@@ -226,11 +230,16 @@ class FastJoinModule:
         self._refresh_metrics()
 
     def _refresh_metrics(self) -> None:
-        """Re-read the database gauges, in the background: a join or a resync
-        must not wait for the metrics."""
+        """Re-read the database gauges soon, in the background: a join or a
+        resync must not wait for the metrics, nor share the database with them
+        at its busiest moment (the state arriving)."""
         if self.metrics is not None:
-            self._api.run_as_background_process(
-                "fastjoin_metrics_refresh", self.metrics.refresh
+            metrics = self.metrics
+            self._api._hs.get_clock().call_later(
+                Duration(seconds=_METRICS_REFRESH_DELAY_SECONDS),
+                self._api.run_as_background_process,
+                "fastjoin_metrics_refresh",
+                metrics.refresh,
             )
 
     async def _may_prune_staged_events(self, room_id: str) -> bool:

@@ -113,10 +113,15 @@ class FastJoinStore:
 
     async def record_partial_state_join(
         self, room_id: str, join_event_id: str, joined_via: str, now_ms: int
-    ) -> None:
-        """A remote join has just left `room_id` in partial state."""
+    ) -> str | None:
+        """A remote join has just left `room_id` in partial state.
 
-        def txn_fn(txn: LoggingTransaction) -> None:
+        Returns:
+            The outcome of the room's last finished resync, if any (in the same
+            transaction: the join path waits for this).
+        """
+
+        def txn_fn(txn: LoggingTransaction) -> str | None:
             txn.execute("DELETE FROM fastjoin_rooms WHERE room_id = ?", (room_id,))
             txn.execute(
                 "INSERT INTO fastjoin_rooms (room_id, join_event_id, joined_via,"
@@ -124,8 +129,15 @@ class FastJoinStore:
                 " VALUES (?, ?, ?, ?, ?, 0, ?)",
                 (room_id, join_event_id, joined_via, now_ms, STATUS_JOINING, now_ms),
             )
+            txn.execute(
+                "SELECT outcome FROM fastjoin_resync_history WHERE room_id = ?"
+                " ORDER BY finished_ts DESC LIMIT 1",
+                (room_id,),
+            )
+            row = txn.fetchone()
+            return row[0] if row else None
 
-        await self._interaction("fastjoin_record_partial_state_join", txn_fn)
+        return await self._interaction("fastjoin_record_partial_state_join", txn_fn)
 
     async def record_resync_started(self, room_id: str, now_ms: int) -> None:
         """A resync of `room_id` has started (after a join, or on resumption)."""
