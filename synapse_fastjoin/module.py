@@ -17,6 +17,7 @@ from synapse_fastjoin.federation.destinations import PartialStateDestinations
 from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
+from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
 from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
 from synapse_fastjoin.resync.engine import ResyncEngine
@@ -26,7 +27,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 7
+HOOKS_API_VERSION = 8
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -83,6 +84,8 @@ class FastJoinModule:
         self.destinations = PartialStateDestinations(api._hs)
         self.own_state_ids = OwnEventStateIds(api._hs)
         self.device_list_replay = DeviceListReplay(api._hs)
+        # The auth state of events received while partial (any process).
+        self.partial_auth = PartialStateAuth()
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
@@ -103,6 +106,7 @@ class FastJoinModule:
             partial_state_destinations=self.destinations.destinations,
             state_ids_while_partial=self.own_state_ids.state_ids_while_partial,
             device_list_replay_hosts=self.device_list_replay.replay_hosts,
+            state_for_auth_while_partial=self.partial_auth.state_for_auth_while_partial,
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.
