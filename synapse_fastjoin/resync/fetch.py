@@ -204,6 +204,13 @@ class StateFetcher:
             if in_state and self._state_is_cheaper(in_state):
                 self._progress.set_phase(PHASE_STATE)
                 await self._destinations.refresh()
+                # The event itself comes from /event while /state streams (it
+                # waits, parked, for its auth events if it arrives first):
+                # one round trip, not two in a row.
+                itself = None
+                if at_event_id in self._missing:
+                    itself = run_in_background(self._fetch_events_individually, [at_event_id])
+                    itself.addErrback(self._not_fetched, at_event_id)
                 try:
                     complete_round = await self._stream_state_from_best(at_event_id)
                 except NoServerAnswered:
@@ -211,6 +218,16 @@ class StateFetcher:
                         raise
                     # A stream broke off part-way: keep what it brought, and
                     # go round again for the rest.
+                    complete_round = False
+                except defer.CancelledError:
+                    if itself is not None:
+                        itself.cancel()
+                    raise
+                finally:
+                    if itself is not None and not itself.called:
+                        # (Ends on its own: hedged, bounded by servers_per_attempt.)
+                        await make_deferred_yieldable(_settled(itself))
+                if itself is not None and itself.result is not True:
                     complete_round = False
             else:
                 self._progress.set_phase(PHASE_EVENTS)
@@ -250,6 +267,13 @@ class StateFetcher:
             if not complete_round:
                 raise NoServerAnswered("no server served the missing events")
         return set()
+
+    def _not_fetched(self, failure: Any, event_id: str) -> bool:
+        if not failure.check(defer.CancelledError):
+            logger.info(
+                "Resync of %s: /event %s failed: %s", self._room_id, event_id, failure.getErrorMessage()
+            )
+        return False
 
     def _state_is_cheaper(self, missing: int) -> bool:
         """Whether to stream /state (everything the state and auth chain hold,
@@ -409,18 +433,21 @@ class StateFetcher:
 
     # /event, spread over several servers.
 
-    async def _fetch_events_individually(self) -> bool:
+    async def _fetch_events_individually(self, event_ids: Iterable[str] | None = None) -> bool:
         """Fetch each missing event with /event: `event_fetch_concurrency`
         requests in flight from a queue (no batch waits for its slowest),
         each hedged over the ranked servers. Events go on to be checked and
         persisted as they arrive, in small chunks.
+
+        Args:
+            event_ids: the events to fetch (default: every missing one).
 
         Returns whether every event was answered by some server (found, or
         said not to exist)."""
         await self._destinations.refresh()
         if not len(self._destinations):
             raise NoServerAnswered("no other server is known to be in the room")
-        queue = sorted(self._missing)
+        queue = sorted(self._missing if event_ids is None else event_ids)
         total = len(queue)
         pdus: list[dict[str, Any]] = []
         flushing: list["defer.Deferred[None]"] = []
@@ -625,6 +652,19 @@ class StateFetcher:
         return found
 
 
+def _settled(d: "defer.Deferred[Any]") -> "defer.Deferred[None]":
+    """A Deferred that fires once `d` has, whatever its outcome (which stays
+    on `d`, its failure handled)."""
+    out: "defer.Deferred[None]" = defer.Deferred()
+
+    def done(result: Any) -> Any:
+        out.callback(None)
+        return result
+
+    d.addBoth(done)
+    return out
+
+
 # Events kept in memory as possible auth events of the next batches.
 _AUTH_CACHE_SIZE = 2000
 
@@ -672,7 +712,7 @@ async def auth_events_for_batch(
 # request, and each item /state sends that we hold already (transfer, parse,
 # skip). Measured roughly on the benchmark's joiner; only their ratios matter.
 _EVENT_REQUEST_MS = 1.5
-_STATE_REQUEST_MS = 50.0
+_STATE_REQUEST_MS = 10.0
 _STATE_ITEM_MS = 0.03
 # Events fetched with /event are checked and persisted in chunks this big, so
 # progress moves while they arrive.
