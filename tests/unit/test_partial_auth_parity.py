@@ -124,21 +124,21 @@ def hs_and_hook(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynapseHomeSe
 class Room:
     """A room built event by event, with the state after each branch tip."""
 
-    def __init__(self, version: str) -> None:
+    def __init__(self, version: str, name: str = "parity") -> None:
         self.version: RoomVersion = KNOWN_ROOM_VERSIONS[version]
         self.msc4291 = self.version.msc4291_room_ids_as_hashes
         self.ts = iter(range(BASE_TS, BASE_TS + 10**6))
         self.events: list[EventBase] = []
         self.rejected: set[str] = set()
         self.depth = 0
-        content: dict[str, Any] = {"room_version": version}
+        content: dict[str, Any] = {"room_version": version, "org.example.name": name}
         create: dict[str, Any] = {
             "type": "m.room.create", "state_key": "", "sender": CREATOR, "content": content,
             "depth": 1, "prev_events": [], "auth_events": [], "origin_server_ts": next(self.ts),
         }
         if not self.msc4291:
             content["creator"] = CREATOR
-            create["room_id"] = f"!parity{version}:{A}"
+            create["room_id"] = f"!{name}{version}:{A}"
         create_id = finalise_event(self.version, create, A)
         self.room_id = "!" + create_id[1:] if self.msc4291 else create["room_id"]
         self.state: dict[tuple[str, str], str] = {}
@@ -396,3 +396,70 @@ async def test_partial_state_auth_matches_synapse(hs_and_hook, version: str) -> 
         ("rejected on its claimed auth events", "rejected"),
     ]:
         assert taken[key] > 0, f"never {key}: {dict(taken)}"
+
+
+@pytest.mark.parametrize("version", ["10", "12"])
+@pytest_twisted.ensureDeferred
+async def test_the_partial_state_restricted_to_the_auth_keys_is_not_enough(hs_and_hook, version: str) -> None:
+    """Why the module does not resolve only the auth keys of the partial state.
+
+    X (power 50, enough to change the power levels) raises S with power levels
+    PL_a while, concurrently, the creator bans X. The partial state holds the
+    ban and the older power levels PL_p; S's topic change claims PL_a. In the
+    full resolution the ban of X, at a key the topic change never reads, is a
+    power event sorted before PL_a (its sender has more power), so PL_a is
+    rejected and S's topic change with it. Resolving the auth keys alone
+    leaves the ban out and accepts PL_a. The module, seeing the power levels
+    conflicted, lets Synapse resolve: the verdicts agree (rejected).
+    """
+    hs, hook = hs_and_hook
+    x, s = user(50), user(51)
+    room = Room(version, name="restricted")
+    room.member(CREATOR, "join")
+
+    def levels(users: dict[str, int]) -> dict[str, Any]:
+        if not room.msc4291:
+            users = {CREATOR: 100, **users}
+        return {
+            "users": users, "users_default": 0, "events_default": 0, "state_default": 50,
+            "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+            "events": {"m.room.power_levels": 50},
+        }
+
+    room.add(CREATOR, EventTypes.PowerLevels, levels({x: 50}), "")
+    room.add(CREATOR, EventTypes.JoinRules, {"join_rule": "public"}, "")
+    room.member(x, "join")
+    room.member(s, "join")
+    fork, before = list(room.tip), dict(room.state)
+    room.member(x, "ban", CREATOR)
+    banned = dict(room.state)
+    room.state, room.tip = dict(before), fork
+    room.add(x, EventTypes.PowerLevels, levels({x: 50, s: 50}), "")
+    raised = dict(room.state)
+    await _persist(hs, room)
+
+    topic = room.build(s, EventTypes.Topic, {"topic": "by s"}, "", claim=raised)
+    p_state = partial(banned, [CREATOR, x, s])
+    claimed = {k: raised[k] for k in raised if raised[k] in topic.auth_event_ids()}
+    keys = auth_types_for_event(room.version, topic)
+    resolver = hs.get_state_resolution_handler()
+    auth_handler = hs.get_event_auth_handler()
+    store = StateResolutionStore(hs.get_datastores().main, hs.get_datastores().state_deletion)
+    full = await resolver.resolve_events_with_store(room.room_id, version, [p_state, claimed], None, store)
+    restricted = await resolver.resolve_events_with_store(
+        room.room_id, version, [{k: v for k, v in p_state.items() if k in keys}, claimed], None, store
+    )
+    pl = (EventTypes.PowerLevels, "")
+    assert full[pl] == banned[pl] and restricted[pl] == raised[pl]
+    assert auth_handler.compute_auth_events(topic, full, True) != auth_handler.compute_auth_events(
+        topic, restricted, True
+    )
+
+    assert auth_state_from_unconflicted(topic, p_state, claimed) is None
+    group = await hs.get_storage_controllers().state.store_state_group(
+        room.events[-1].event_id, room.room_id, None, None, p_state
+    )
+    synapse_verdict = await _verdict(hs, hook, topic, group, ours=False)
+    module_verdict = await _verdict(hs, hook, topic, group, ours=True)
+    assert synapse_verdict == module_verdict
+    assert synapse_verdict[0] == "auth_error"
