@@ -163,11 +163,13 @@ def persist_outliers_txn(
     main = persist_store.store
     db_pool = persist_store.db_pool
 
-    if isinstance(txn.database_engine, PostgresEngine):
-        # As Synapse: the room must not be deleted under us.
-        txn.execute("SELECT room_version FROM rooms WHERE room_id = ? FOR SHARE", (room_id,))
-        if txn.fetchone() is None:
-            raise Exception(f"Room does not exist {room_id}")
+    # As Synapse does on PostgreSQL, and on SQLite too (where its write
+    # transactions are serialised anyway): never write into a room that was
+    # deleted meanwhile (e.g. by an admin while its resync was under way).
+    lock = " FOR SHARE" if isinstance(txn.database_engine, PostgresEngine) else ""
+    txn.execute(f"SELECT room_version FROM rooms WHERE room_id = ?{lock}", (room_id,))
+    if txn.fetchone() is None:
+        raise Exception(f"Room does not exist {room_id}")
 
     # Cache invalidation after the transaction, for every event handed in
     # (already stored ones included), as Synapse does; the invalidations of
