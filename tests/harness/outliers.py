@@ -16,24 +16,21 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import attr
-from signedjson.key import generate_signing_key, write_signing_keys
-from twisted.internet import reactor
 
 from synapse.api.constants import RejectedReason
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
 from synapse.app.homeserver import SynapseHomeServer
-from synapse.config.homeserver import HomeServerConfig
 from synapse.events import EventBase, make_event_from_dict
 from synapse.events.snapshot import EventContext
 from synapse.events.utils import prune_event
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import PostgresEngine
 
+from tests.harness import inprocess
 from tests.harness.fakehs.events import finalise_event
 from tests.harness.fakehs.room import ORIGIN, Room, RoomSpec, StoredEvent, load_or_generate
 
@@ -42,34 +39,11 @@ EventPair = tuple[EventBase, EventContext]
 
 def make_homeserver(data_dir: str, database: dict[str, Any], server_name: str = "joiner.test") -> SynapseHomeServer:
     """A real HomeServer on `database` (Synapse's `database` config section),
-    set up (schema prepared) on the running reactor."""
-    key_path = os.path.join(data_dir, "signing.key")
-    with open(key_path, "w") as f:
-        write_signing_keys(f, [generate_signing_key("bulk")])
-    config = HomeServerConfig()
-    config.parse_config_dict(
-        {
-            "server_name": server_name,
-            "signing_key_path": key_path,
-            "database": database,
-            "trusted_key_servers": [],
-            "suppress_key_server_warning": True,
-            "federation_domain_whitelist": ["nowhere.invalid"],
-            "media_store_path": os.path.join(data_dir, "media"),
-            "pid_file": os.path.join(data_dir, "homeserver.pid"),
-            "report_stats": False,
-            "listeners": [],
-            "macaroon_secret_key": "bulk-macaroon",
-            "form_secret": "bulk-form",
-            "registration_shared_secret": "bulk-registration",
-            "retention": {"enabled": True},
-        },
-        config_dir_path=data_dir,
-        data_dir_path=data_dir,
+    set up (schema prepared) on the running reactor, with retention on (the
+    persistence path then writes its retention rows too)."""
+    return inprocess.make_homeserver(
+        data_dir, server_name, database, extra_config={"retention": {"enabled": True}}
     )
-    hs = SynapseHomeServer(server_name, config=config, reactor=reactor)
-    hs.setup()
-    return hs
 
 
 @attr.s(slots=True, auto_attribs=True)

@@ -27,20 +27,18 @@ soft-failure flags.
 
 import copy
 import json
-import os
 from typing import Any
 
 import attr
 import pytest
 import pytest_twisted
-from signedjson.key import generate_signing_key, get_verify_key, write_signing_keys
+from signedjson.key import get_verify_key
 from twisted.internet import defer, reactor, threads
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
 from synapse.app.homeserver import SynapseHomeServer
-from synapse.config.homeserver import HomeServerConfig
 from synapse.crypto.keyring import _FetchKeyRequest
 from synapse.events import EventBase, make_event_from_dict
 from synapse.events.utils import prune_event
@@ -56,6 +54,7 @@ from synapse_fastjoin.resync.checks import (
     wanted_key_ids,
 )
 from synapse_fastjoin.resync.stream import StateBodyReader
+from tests.harness.inprocess import make_homeserver
 from tests.harness.fakehs.events import event_id as compute_event_id, finalise_event
 from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key, verify_key_base64
 
@@ -79,32 +78,7 @@ ROOM_VERSIONS = ["10", "12", "5"]
 
 
 def _make_homeserver(data_dir: str) -> SynapseHomeServer:
-    key_path = os.path.join(data_dir, "signing.key")
-    with open(key_path, "w") as f:
-        write_signing_keys(f, [generate_signing_key("parity")])
-    config = HomeServerConfig()
-    config.parse_config_dict(
-        {
-            "server_name": JOINER,
-            "signing_key_path": key_path,
-            "database": {"name": "sqlite3", "args": {"database": os.path.join(data_dir, "hs.db")}},
-            "trusted_key_servers": [],
-            "suppress_key_server_warning": True,
-            # Nothing may be fetched from elsewhere: no key, no policy signature.
-            "federation_domain_whitelist": ["nowhere.invalid"],
-            "media_store_path": os.path.join(data_dir, "media"),
-            "pid_file": os.path.join(data_dir, "homeserver.pid"),
-            "report_stats": False,
-            "listeners": [],
-            "macaroon_secret_key": "parity-macaroon",
-            "form_secret": "parity-form",
-            "registration_shared_secret": "parity-registration",
-        },
-        config_dir_path=data_dir,
-        data_dir_path=data_dir,
-    )
-    hs = SynapseHomeServer(JOINER, config=config, reactor=reactor)
-    hs.setup()
+    hs = make_homeserver(data_dir, JOINER)
 
     async def check_event_for_spam(event: EventBase) -> Any:
         if isinstance(event.content.get("body"), str) and "SPAM" in event.content["body"]:

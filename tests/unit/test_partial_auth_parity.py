@@ -22,17 +22,13 @@ resolution), with accepted and rejected events on each.
 """
 
 import collections
-import os
 from typing import Any
 
 import pytest
 import pytest_twisted
-from signedjson.key import generate_signing_key, write_signing_keys
-from twisted.internet import reactor
 
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
 from synapse.app.homeserver import SynapseHomeServer
-from synapse.config.homeserver import HomeServerConfig
 from synapse.event_auth import auth_types_for_event
 from synapse.events import EventBase, make_event_from_dict
 from synapse.events.snapshot import EventContext
@@ -43,6 +39,7 @@ from synapse_fastjoin.handlers.partial_auth import (
     PartialStateAuth,
     auth_state_from_unconflicted,
 )
+from tests.harness.inprocess import make_homeserver
 from tests.harness.fakehs.events import finalise_event
 
 JOINER = "joiner.test"
@@ -62,32 +59,7 @@ def user(i: int) -> str:
 
 
 def _make_homeserver(data_dir: str) -> SynapseHomeServer:
-    key_path = os.path.join(data_dir, "signing.key")
-    with open(key_path, "w") as f:
-        write_signing_keys(f, [generate_signing_key("parity")])
-    config = HomeServerConfig()
-    config.parse_config_dict(
-        {
-            "server_name": JOINER,
-            "signing_key_path": key_path,
-            "database": {"name": "sqlite3", "args": {"database": os.path.join(data_dir, "hs.db")}},
-            "trusted_key_servers": [],
-            "suppress_key_server_warning": True,
-            "federation_domain_whitelist": ["nowhere.invalid"],
-            "media_store_path": os.path.join(data_dir, "media"),
-            "pid_file": os.path.join(data_dir, "homeserver.pid"),
-            "report_stats": False,
-            "listeners": [],
-            "macaroon_secret_key": "parity-macaroon",
-            "form_secret": "parity-form",
-            "registration_shared_secret": "parity-registration",
-        },
-        config_dir_path=data_dir,
-        data_dir_path=data_dir,
-    )
-    hs = SynapseHomeServer(JOINER, config=config, reactor=reactor)
-    hs.setup()
-    return hs
+    return make_homeserver(data_dir, JOINER)
 
 
 class Hook:
