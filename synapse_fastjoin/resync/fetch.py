@@ -341,7 +341,9 @@ class StateFetcher:
                 await self._destinations.refresh()
                 if len(broken) >= self._config.servers_per_attempt:
                     raise NoServerAnswered(f"/state from {destination}: {type(e).__name__}: {e}") from e
-                await self._drain_parked(final=False)
+                # (Under the lock: the event itself may be fetched meanwhile.)
+                async with self._persist_lock.queue(self._room_id):
+                    await self._drain_parked(final=False)
                 if not self._missing - {at_event_id}:
                     return True
 
@@ -431,7 +433,7 @@ class StateFetcher:
             )
         return result
 
-    # /event, spread over several servers.
+    # /event, from a queue, each request hedged over the ranked servers.
 
     async def _fetch_events_individually(self, event_ids: Iterable[str] | None = None) -> bool:
         """Fetch each missing event with /event: `event_fetch_concurrency`
