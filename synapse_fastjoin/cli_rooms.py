@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,6 +27,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Optional, TextIO
+
+from synapse_fastjoin.resync.progress import format_duration
 
 URL_ENV = "SYNAPSE_URL"
 TOKEN_ENV = "SYNAPSE_ADMIN_TOKEN"
@@ -148,18 +149,6 @@ def events_done_total(room: dict[str, Any]) -> tuple[int, int | None]:
         return done, None if remaining is None else done + int(remaining)
     expected = int(p.get("expected") or 0)
     return int(p.get("persisted") or 0), expected or None
-
-
-def format_duration(seconds: float | None) -> str:
-    """``42s``, ``3m05s``, ``2h07m``; ``?`` when unknown."""
-    if seconds is None or math.isnan(seconds) or seconds < 0 or math.isinf(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 def format_ts(ts_ms: int | None, now: float | None = None) -> str:

@@ -26,7 +26,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from twisted.internet import defer
 
 from synapse.api.constants import Membership
 from synapse.api.errors import Codes, NotFoundError, SynapseError

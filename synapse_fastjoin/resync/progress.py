@@ -1,5 +1,6 @@
 """What a running resync is doing, for the admin API and the logs."""
 
+import math
 import time
 from typing import Any
 
@@ -61,7 +62,11 @@ class RateTracker:
         return done - self._base
 
 
-def _fmt_seconds(seconds: float) -> str:
+def format_duration(seconds: float | None) -> str:
+    """``42s``, ``3m05s``, ``2h07m``; ``?`` when unknown (for the progress
+    line and the admin CLI alike)."""
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
+        return "?"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -173,5 +178,5 @@ class ResyncProgress:
             return ["rate 0 events/s" + (", stalled" if left else "")]
         out = [f"rate {rate:.0f} events/s"]
         if left:
-            out.append(f"ETA {_fmt_seconds(left / rate)}")
+            out.append(f"ETA {format_duration(left / rate)}")
         return out

@@ -1,9 +1,7 @@
 """`synapse-fastjoin rooms`: what it prints for the admin API's answers.
 (Against a real server: tests/e2e/test_cli_rooms.py.)"""
 
-import argparse
 import io
-import json
 import math
 
 import pytest

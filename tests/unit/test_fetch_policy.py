@@ -8,8 +8,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from synapse.api.errors import HttpResponseException
+from synapse.config._base import ConfigError
 
-from synapse_fastjoin.config import ResyncConfig
+from synapse_fastjoin.config import ResyncConfig, parse_config
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered, NotFound
 
 
@@ -193,9 +194,25 @@ def test_no_server_known():
     assert len(out) == 1 and out[0].check(NoServerAnswered)
 
 
-@pytest.mark.parametrize("kind", ["state", "events"])
-def test_fetch_method_can_be_forced(kind):
-    assert ResyncConfig(fetch_method=kind).fetch_method == kind
+@pytest.mark.parametrize(
+    "resync,key",
+    [
+        ({"fetch_method": "sometimes"}, "fetch_method"),
+        ({"hedge_seconds": 0}, "hedge_seconds"),
+        ({"hedge_seconds": True}, "hedge_seconds"),
+        ({"servers_per_attempt": 0}, "servers_per_attempt"),
+    ],
+)
+def test_bad_fetch_policy_settings_stop_start_up_naming_the_key(resync, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_config({"resync": resync})
+
+
+def test_fetch_policy_settings_are_read():
+    config = parse_config(
+        {"resync": {"fetch_method": "events", "hedge_seconds": 0.5, "servers_per_attempt": 7}}
+    ).resync
+    assert (config.fetch_method, config.hedge_seconds, config.servers_per_attempt) == ("events", 0.5, 7)
 
 
 def test_servers_that_never_answer_do_not_hold_places_for_ever():
