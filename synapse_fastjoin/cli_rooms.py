@@ -28,7 +28,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Optional, TextIO
 
-from synapse_fastjoin.resync.progress import format_duration
+from synapse_fastjoin.util import format_duration
 
 URL_ENV = "SYNAPSE_URL"
 TOKEN_ENV = "SYNAPSE_ADMIN_TOKEN"

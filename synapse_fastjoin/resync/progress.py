@@ -1,10 +1,11 @@
 """What a running resync is doing, for the admin API and the logs."""
 
-import math
 import time
 from typing import Any
 
 import attr
+
+from synapse_fastjoin.util import format_duration
 
 # Phases, in the order a resync normally goes through them.
 PHASE_STARTING = "starting"
@@ -60,19 +61,6 @@ class RateTracker:
             self.rate = current if self.rate is None else 0.5 * self.rate + 0.5 * current
         self._last = (now, done)
         return done - self._base
-
-
-def format_duration(seconds: float | None) -> str:
-    """``42s``, ``3m05s``, ``2h07m``; ``?`` when unknown (for the progress
-    line and the admin CLI alike)."""
-    if seconds is None or math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @attr.s(slots=True, auto_attribs=True)
