@@ -11,6 +11,10 @@ each from a fresh server and a fresh fake resident process, and measured:
   T_full     from the start of the join until a request that needs the full
              state answers (the state event of one remote member)
   T_members  the /members request after that
+  T_idle     from the start of the join until the joiner is idle again (under
+             5 % of a core for 3 s in a row, after /members), and the CPU
+             seconds it used until then: the work a join leaves behind (user
+             directory, sliding-sync tables, caches) counts too
   peak RSS and CPU seconds of the joining Synapse (from /proc)
   bytes served per federation endpoint (counted by the fake resident)
   responsiveness: latency of GET /account/whoami polled every 100 ms from the
@@ -102,6 +106,21 @@ class ProcSampler(threading.Thread):
             except OSError:
                 return
 
+    def wait_idle(self, timeout: float, window: float = 3.0, share: float = 0.05) -> float | None:
+        """Block until the process used under `share` of a core for `window`
+        seconds in a row; returns the monotonic time the idle window began
+        (None on timeout)."""
+        deadline = time.monotonic() + timeout
+        window_start, cpu_at_start = time.monotonic(), self.cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now, cpu = time.monotonic(), self.cpu_seconds()
+            if cpu - cpu_at_start > share * max(window, now - window_start):
+                window_start, cpu_at_start = now, cpu
+            elif now - window_start >= window:
+                return window_start
+        return None
+
     def finish(self) -> dict[str, float]:
         self.stop_event.set()
         self.join()
@@ -144,6 +163,37 @@ class LatencyPoller(threading.Thread):
             "latency_samples": len(self.samples),
             "latency_errors": self.errors,
         }
+
+
+class Profiler:
+    """py-spy recording of the joiner (all threads, idle ones included) from
+    the join until /members has answered, as raw collapsed stacks (.txt: one
+    line per stack, `frame;frame;... count`), which flamegraph tools read."""
+
+    def __init__(self, pid: int, prefix: Path) -> None:
+        import subprocess
+
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.proc: Any = subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--rate", "50", "--threads", "--idle",
+             "--format", "raw", "--output", str(prefix.with_suffix(".txt"))],
+            stdout=subprocess.DEVNULL, stderr=open(prefix.with_suffix(".log"), "w"),
+        )
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except Exception:
+            self.proc.kill()
+        self.proc = None
 
 
 def current_state(server: SynapseServer, room_id: str) -> list[list[str]]:
@@ -192,6 +242,7 @@ def run_one(
         slow_dns_seconds=args.slow_dns_seconds,
     )
     joiner: SynapseServer | None = None
+    profiler: Profiler | None = None
     try:
         fake.start()
         config = merge_config(fake.trusted_key_servers_config(), MODULE if variant == "patched" else None)
@@ -208,6 +259,10 @@ def run_one(
         remote_member = urllib.parse.quote(spec.member(spec.members - 1), safe="")
 
         sampler = ProcSampler(joiner.pid)  # type: ignore[arg-type]
+        profiler = (
+            Profiler(joiner.pid, args.profile / f"{db}-{spec.members}-{traffic:g}-{variant}-{int(time.time())}")  # type: ignore[arg-type]
+            if args.profile else None
+        )
         poller = LatencyPoller(base + "/account/whoami", token)
         sampler.start()
         poller.start()
@@ -238,6 +293,10 @@ def run_one(
         if status != 200:
             raise RuntimeError(f"/members failed: {status}")
         joined = sorted(m["state_key"] for m in body["chunk"] if m["content"]["membership"] == "join")
+        if profiler is not None:
+            profiler.stop()
+        idle_at = sampler.wait_idle(timeout=args.idle_timeout)
+        result["t_idle"] = idle_at - started if idle_at is not None else None
         result.update(sampler.finish())
 
         if traffic:
@@ -262,6 +321,8 @@ def run_one(
         if joiner is not None:
             result["log_excerpt"] = interesting_log_lines(joiner)
     finally:
+        if profiler is not None:
+            profiler.stop()
         if joiner is not None:
             joiner.close()
         fake.stop()
@@ -282,7 +343,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in runs if r["ok"]]
         row: dict[str, Any] = {"db": db, "members": n, "servers": s, "traffic": traffic, "dead": dead,
                                "kinds": kinds, "variant": variant, "runs": len(runs), "ok": len(ok)}
-        for key in ("t_join", "t_full", "t_members", "peak_rss_to_full_mb", "peak_rss_mb", "cpu_s", "latency_p50_ms",
+        for key in ("t_join", "t_full", "t_members", "t_idle", "peak_rss_to_full_mb", "peak_rss_mb", "cpu_s", "latency_p50_ms",
                     "latency_p99_ms", "latency_max_ms", "live_injected", "live_persisted"):
             row[key] = median([r[key] for r in ok if r.get(key) is not None])
         row["members_match"] = all(r.get("members_match") for r in ok) if ok else None
@@ -305,7 +366,7 @@ def fmt(value: Any, spec: str = ".1f") -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| db | N | S | traffic/s | variant | ok/runs | T_join s | T_full s | × stock | T_members s "
+    head = ("| db | N | S | traffic/s | variant | ok/runs | T_join s | T_full s | × stock | T_members s | T_idle s "
             "| RSS to T_full MB | peak RSS MB | CPU s | p50 ms | p99 ms | max ms | live persisted | members = | state = |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in sorted(rows, key=lambda r: (r["db"], r["traffic"], r["members"], VARIANTS.index(r["variant"]))):
@@ -315,7 +376,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['db']} | {r['members']:,} | {r['servers']:,} | {r['traffic']:g} | {r['variant']} "
             f"| {r['ok']}/{r['runs']} | {fmt(r['t_join'], '.2f')} | {fmt(r['t_full'])} "
-            f"| {fmt(r.get('t_full_speedup_vs_stock'), '.2f')} | {fmt(r['t_members'])} | {fmt(r.get('peak_rss_to_full_mb'), '.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
+            f"| {fmt(r.get('t_full_speedup_vs_stock'), '.2f')} | {fmt(r['t_members'])} | {fmt(r.get('t_idle'))} | {fmt(r.get('peak_rss_to_full_mb'), '.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
             f"| {fmt(r['cpu_s'])} | {fmt(r['latency_p50_ms'], '.0f')} | {fmt(r['latency_p99_ms'], '.0f')} "
             f"| {fmt(r['latency_max_ms'], '.0f')} | {live} | {fmt(r['members_match'])} | {fmt(r['state_match'])} |"
         )
@@ -415,6 +476,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a run may take")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "latest",
                         help="prefix for the .json, .md and .png written")
+    parser.add_argument("--idle-timeout", type=float, default=900.0,
+                        help="how long to wait after /members for the joiner to go idle (T_idle)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="record the joiner with py-spy from the join until /members (raw stacks in DIR)")
     parser.add_argument("--keep", action="store_true", help="keep each run's data directory")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="run nothing: combine the runs of earlier .json outputs into --out")
@@ -460,6 +525,7 @@ def main() -> int:
                         results.append(r)
                         if r["ok"]:
                             log(f"  join {r['t_join']:.2f}s full {r['t_full']:.1f}s members {r['t_members']:.1f}s"
+                                f" idle {fmt(r.get('t_idle'))}s"
                                 f" rss {r['peak_rss_mb']:.0f}MB cpu {r['cpu_s']:.0f}s p99 {r['latency_p99_ms']:.0f}ms"
                                 + (f" live {r['live_persisted']}/{r['live_injected']}" if traffic else ""))
                         if args.keep or not r["ok"]:
