@@ -4,6 +4,7 @@ Every key is validated: an unknown key or a value of the wrong type stops
 Synapse's start-up with a `ConfigError` that names the key.
 """
 
+import os
 from typing import Any, Mapping
 
 import attr
@@ -35,6 +36,15 @@ class ResyncConfig:
 
     check_threads: int = 2
     """Worker threads for signature and hash checks."""
+
+    check_processes: int = attr.Factory(lambda: min(4, max(0, (os.cpu_count() or 1) - 1)))
+    """Check processes for big fetches (`resync/checkpool.py`): the checks of
+    a big room's state on other cores, out of the reactor's GIL. Default: one
+    fewer than the machine's cores, at most 4; 0 keeps every check in threads."""
+
+    check_process_min_events: int = 5000
+    """A fetch of at least this many events starts the check processes (they
+    take a second or two to start; smaller fetches are checked in threads)."""
 
     fetch_method: str = "auto"
     """How missing state events are fetched: `auto` picks whichever of one
@@ -156,6 +166,8 @@ _RESYNC_PARSERS = {
     "persist_batch_size": lambda key, v: _int(key, v, 1),
     "bulk_writer": lambda key, v: _bool(key, v),
     "check_threads": lambda key, v: _int(key, v, 1),
+    "check_processes": lambda key, v: _int(key, v, 0),
+    "check_process_min_events": lambda key, v: _int(key, v, 1),
     "fetch_method": lambda key, v: _choice(key, v, ("auto", "state", "events")),
     "event_fetch_threshold": lambda key, v: _int(key, v, 0),
     "hedge_seconds": lambda key, v: _number(key, v, 0.05),

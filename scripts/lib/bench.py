@@ -88,6 +88,9 @@ class ProcSampler(threading.Thread):
         self.peak_rss = 0
         self.stop_event = threading.Event()
         self.cpu_start = self.cpu_seconds()
+        self.started = time.monotonic()
+        self.timeline: list[tuple[float, float, float]] = []
+        """(seconds since start, RSS MB, CPU seconds since start), once a second."""
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -100,9 +103,16 @@ class ProcSampler(threading.Thread):
         return 0
 
     def run(self) -> None:
+        next_point = 0.0
         while not self.stop_event.wait(self.interval):
             try:
-                self.peak_rss = max(self.peak_rss, self.rss())
+                rss = self.rss()
+                self.peak_rss = max(self.peak_rss, rss)
+                offset = time.monotonic() - self.started
+                if offset >= next_point:
+                    self.timeline.append((round(offset, 1), round(rss / 2**20, 1),
+                                          round(self.cpu_seconds() - self.cpu_start, 2)))
+                    next_point = offset + 1.0
             except OSError:
                 return
 
@@ -125,7 +135,8 @@ class ProcSampler(threading.Thread):
         self.stop_event.set()
         self.join()
         self.peak_rss = max(self.peak_rss, self.rss())
-        return {"peak_rss_mb": self.peak_rss / 2**20, "cpu_s": self.cpu_seconds() - self.cpu_start}
+        return {"peak_rss_mb": self.peak_rss / 2**20, "cpu_s": self.cpu_seconds() - self.cpu_start,
+                "timeline": self.timeline}
 
 
 class LatencyPoller(threading.Thread):

@@ -48,7 +48,7 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 from synapse.api.constants import CANONICALJSON_MAX_INT, CANONICALJSON_MIN_INT, EventTypes, Membership
 from synapse.api.room_versions import EventFormatVersions, RoomVersion
 from synapse.crypto.event_signing import check_event_content_hash
-from synapse.events import EventBase
+from synapse.events import EventBase, make_event_from_json
 from synapse.events.utils import prune_event
 from synapse.federation.federation_base import event_from_pdu_json
 from synapse.types import get_domain_from_id
@@ -230,18 +230,138 @@ def check_chunk(
         if event_id not in missing:
             result.already_stored += 1
             continue
-        reason = _check_signatures(pdu, event, room_version, keys)
-        if reason is not None:
-            if reason.startswith(_KEY_PROBLEM):
-                result.missing_key.append((event_id, reason))
-            else:
-                result.bad_signature.append((event_id, reason))
-            continue
-        if not check_event_content_hash(event):
-            event = prune_event(event)
-            result.redacted += 1
-            result.hash_redacted.add(event_id)
+        _take(result, event, *_verdict(pdu, event, room_version, keys))
+    return result
+
+
+# What `_verdict` says of one event.
+_OK = "ok"
+_HASH_MISMATCH = "hash"
+_BAD_SIGNATURE = "bad_signature"
+_MISSING_KEY = "missing_key"
+_MALFORMED = "malformed"
+
+
+def _verdict(pdu: Mapping[str, Any], event: EventBase, room_version: RoomVersion, keys: KeyMap) -> tuple[str, str | None]:
+    """Signatures, then the content hash, of one parsed event: (verdict, reason)."""
+    reason = _check_signatures(pdu, event, room_version, keys)
+    if reason is not None:
+        return (_MISSING_KEY if reason.startswith(_KEY_PROBLEM) else _BAD_SIGNATURE), reason
+    if not check_event_content_hash(event):
+        return _HASH_MISMATCH, None
+    return _OK, None
+
+
+def _take(result: CheckResult, event: EventBase, verdict: str, reason: str | None) -> None:
+    """Record one promised, missing event's verdict in `result`."""
+    if verdict == _MISSING_KEY:
+        result.missing_key.append((event.event_id, reason or ""))
+    elif verdict == _BAD_SIGNATURE:
+        result.bad_signature.append((event.event_id, reason or ""))
+    elif verdict == _HASH_MISMATCH:
+        # Synapse keeps an event whose content hash does not match, redacted.
+        result.redacted += 1
+        result.hash_redacted.add(event.event_id)
+        result.accepted.append(prune_event(event))
+    else:
         result.accepted.append(event)
+
+
+# The same checks in a separate process (`resync.checkpool`): the worker parses
+# and checks every item without knowing which ids were promised, and hands
+# back each verdict with the event's canonical JSON, from which the parent
+# builds the very event `event_from_pdu_json` would have built.
+
+RawKeys = Mapping[tuple[str, str], tuple[bytes, int]]
+"""(server, key id) -> (ed25519 verify key bytes, valid until ts): keys in a
+form that crosses a process boundary."""
+
+WorkerVerdict = tuple[str, "str | None", "str | None", "str | None", "str | None"]
+"""(verdict, event id, room id, reason, canonical JSON of the event)."""
+
+
+def raw_keys(keys: KeyMap) -> dict[tuple[str, str], tuple[bytes, int]]:
+    return {k: (bytes(v.verify_key), v.valid_until_ts) for k, v in keys.items()}
+
+
+_decoded_keys: dict[tuple[str, str, bytes], Any] = {}
+
+
+def _keys_from_raw(keys: RawKeys) -> dict[tuple[str, str], KeyInfo]:
+    from signedjson.key import decode_verify_key_bytes
+
+    out = {}
+    for (server, key_id), (key_bytes, valid_until) in keys.items():
+        cache_key = (server, key_id, key_bytes)
+        verify_key = _decoded_keys.get(cache_key)
+        if verify_key is None:
+            verify_key = _decoded_keys[cache_key] = decode_verify_key_bytes(key_id, key_bytes)
+        out[(server, key_id)] = KeyInfo(verify_key, valid_until)
+    return out
+
+
+def check_pdus_in_worker(
+    pdus: list[Any], room_version_id: str, keys: RawKeys, received_time: int | None
+) -> list[WorkerVerdict]:
+    """Runs in a check process: the verdict on every item, in order."""
+    from canonicaljson import encode_canonical_json
+    from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+
+    room_version = KNOWN_ROOM_VERSIONS[room_version_id]
+    key_map = _keys_from_raw(keys)
+    out: list[WorkerVerdict] = []
+    for pdu in pdus:
+        try:
+            event = parse_pdu(pdu, room_version, received_time)
+            event_id = event.event_id
+            room_id = event.room_id
+        except Exception as e:
+            out.append((_MALFORMED, None, None, f"{type(e).__name__}: {e}", None))
+            continue
+        verdict, reason = _verdict(pdu, event, room_version, key_map)
+        event_json = (
+            # What `make_event_from_dict` builds the event from (the PDU as
+            # `event_from_pdu_json` left it).
+            encode_canonical_json(pdu).decode("utf-8")
+            if verdict in (_OK, _HASH_MISMATCH)
+            else None
+        )
+        out.append((verdict, event_id, room_id, reason, event_json))
+    return out
+
+
+def collect_worker_verdicts(
+    verdicts: list[WorkerVerdict],
+    room_version: RoomVersion,
+    room_id: str,
+    promised: AbstractSet[str],
+    missing: AbstractSet[str],
+) -> CheckResult:
+    """The `CheckResult` `check_chunk` gives for the same items, from a check
+    process's verdicts. Runs in a worker thread of the parent."""
+    result = CheckResult()
+    seen: set[str] = set()
+    for verdict, event_id, event_room_id, reason, event_json in verdicts:
+        if verdict == _MALFORMED or event_id is None:
+            result._malformed(reason or "malformed")
+            continue
+        if event_id not in promised or event_id in seen or event_room_id != room_id:
+            result.unwanted += 1
+            continue
+        seen.add(event_id)
+        if event_id not in missing:
+            result.already_stored += 1
+            continue
+        if event_json is None:
+            # Refused by the signature check: nothing to build.
+            bucket = result.missing_key if verdict == _MISSING_KEY else result.bad_signature
+            bucket.append((event_id, reason or ""))
+            continue
+        event = make_event_from_json(event_json, room_version)
+        if event.event_id != event_id:
+            # The parent must never store something the worker did not check.
+            raise AssertionError(f"check process and parent disagree on {event_id}")
+        _take(result, event, verdict, reason)
     return result
 
 

@@ -45,6 +45,7 @@ from synapse.state import StateResolutionStore
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 from synapse.util.duration import Duration
 
+from synapse_fastjoin.resync.checkpool import CheckPool
 from synapse_fastjoin.resync.fetch import StateFetcher
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
@@ -109,6 +110,8 @@ class ResyncEngine:
         )
         self._threadpool.start()
         reactor.addSystemEventTrigger("during", "shutdown", self._threadpool.stop)
+        self.checkpool = CheckPool(reactor, config.check_processes)
+        reactor.addSystemEventTrigger("before", "shutdown", self.checkpool.stop)
 
     async def resync_room(
         self,
@@ -133,7 +136,9 @@ class ResyncEngine:
                 checkpoint.get("persisted"),
             )
             progress.retries = progress.retries_before = int(checkpoint.get("retries") or 0)
-        run = _RoomResync(self._hs, self._config, self._store, self._threadpool, room_id, progress)
+        run = _RoomResync(
+            self._hs, self._config, self._store, self._threadpool, self.checkpool, room_id, progress
+        )
         run.add_destinations(initial_destination, other_destinations)
         logger_call = self._hs.get_clock().looping_call(
             self._hs.run_as_background_process,
@@ -236,6 +241,7 @@ class _RoomResync:
         config: "ResyncConfig",
         store: "FastJoinStore",
         threadpool: ThreadPool,
+        checkpool: CheckPool,
         room_id: str,
         progress: ResyncProgress,
     ) -> None:
@@ -243,6 +249,7 @@ class _RoomResync:
         self._config = config
         self._fastjoin_store = store
         self._threadpool = threadpool
+        self._checkpool = checkpool
         self._room_id = room_id
         self._progress = progress
         self._main = hs.get_datastores().main
@@ -586,6 +593,7 @@ class _RoomResync:
             self._destinations,
             self._progress,
             self._threadpool,
+            self._checkpool,
         )
         state_maps = []
         for prev in sorted(missing_prevs):

@@ -53,7 +53,13 @@ from synapse.util.duration import Duration
 from synapse.util.iterutils import batch_iter, sorted_topologically
 
 from synapse_fastjoin.resync import requests
-from synapse_fastjoin.resync.checks import check_chunk, run_spam_checks
+from synapse_fastjoin.resync.checkpool import CheckPool, CheckProcessFailed
+from synapse_fastjoin.resync.checks import (
+    check_chunk,
+    collect_worker_verdicts,
+    raw_keys,
+    run_spam_checks,
+)
 from synapse_fastjoin.resync.keys import SigningKeys
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered, NotFound
 from synapse_fastjoin.resync.progress import (
@@ -86,6 +92,7 @@ class StateFetcher:
         destinations: FetchPolicy,
         progress: ResyncProgress,
         threadpool: ThreadPool,
+        checkpool: CheckPool | None = None,
     ) -> None:
         self._hs = hs
         self._config = config
@@ -94,6 +101,7 @@ class StateFetcher:
         self._destinations = destinations
         self._progress = progress
         self._threadpool = threadpool
+        self._checkpool = checkpool
         self._store = hs.get_datastores().main
         self._clock = hs.get_clock()
         self._reactor = hs.get_reactor()
@@ -142,6 +150,9 @@ class StateFetcher:
         self._progress.expected = len(self._missing)
         self._progress.already_stored = len(stored)
         del stored
+        if self._checkpool is not None and len(self._missing) >= self._config.check_process_min_events:
+            # Ready a second or two later, while the first chunks are checked in threads.
+            self._checkpool.warm_up()
         logger.info(
             "Resync of %s: /state_ids at %s lists %d state and %d auth events; "
             "%d of them are already stored, %d to fetch",
@@ -400,17 +411,40 @@ class StateFetcher:
 
     async def _check(self, chunk: list[dict[str, Any]]) -> Any:
         await self._keys.ensure(chunk)
-        result = await defer_to_threadpool(
-            self._reactor,
-            self._threadpool,
-            check_chunk,
-            chunk,
-            self._room_version,
-            self._room_id,
-            self._promised,
-            self._missing,
-            self._keys.snapshot(),
-        )
+        result = None
+        if self._checkpool is not None and self._checkpool.ready():
+            # In a check process (resync/checkpool.py); the events are built
+            # here, in a thread, from the canonical JSON it checked.
+            try:
+                verdicts = await make_deferred_yieldable(
+                    self._checkpool.check(
+                        chunk, self._room_version.identifier, raw_keys(self._keys.snapshot()), None
+                    )
+                )
+                result = await defer_to_threadpool(
+                    self._reactor,
+                    self._threadpool,
+                    collect_worker_verdicts,
+                    verdicts,
+                    self._room_version,
+                    self._room_id,
+                    self._promised,
+                    self._missing,
+                )
+            except CheckProcessFailed as e:
+                logger.warning("Resync of %s: %s; checking the chunk in threads", self._room_id, e)
+        if result is None:
+            result = await defer_to_threadpool(
+                self._reactor,
+                self._threadpool,
+                check_chunk,
+                chunk,
+                self._room_version,
+                self._room_id,
+                self._promised,
+                self._missing,
+                self._keys.snapshot(),
+            )
         # What Synapse's _check_sigs_and_hash does after the signatures and
         # hashes: the room's policy server and the spam checkers (on the
         # reactor: they may do I/O).

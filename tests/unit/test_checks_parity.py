@@ -11,7 +11,9 @@ One set of hostile events is handed, as the same bytes, to both:
   the real keyring, content hash, the room's policy server, spam checkers);
 - ours: the bytes as a `/state` body through `StateBodyReader`, the chunk
   through `check_chunk` in a worker thread (keys fetched through the same
-  keyring, as the engine does), then `run_spam_checks` on the reactor.
+  keyring, as the engine does), then `run_spam_checks` on the reactor; and
+  the same chunk through a real check process (`resync.checkpool`: a child
+  Python process checks it, the events are built back from its answers).
 
 Both run on one real, in-process HomeServer (SQLite, the real reactor) whose
 database holds the signing keys of the fake servers, a spam-checker module
@@ -47,9 +49,12 @@ from synapse.module_api import NOT_SPAM
 from synapse.storage.keys import FetchKeyResult
 from synapse.util.json import json_decoder
 
+from synapse_fastjoin.resync.checkpool import CheckPool
 from synapse_fastjoin.resync.checks import (
     KeyInfo,
     check_chunk,
+    collect_worker_verdicts,
+    raw_keys,
     run_spam_checks,
     wanted_key_ids,
 )
@@ -514,8 +519,29 @@ def _lenient_id(body: bytes, version: RoomVersion) -> str | None:
         return None
 
 
-async def _our_path(hs: SynapseHomeServer, cases: list[Case], version: RoomVersion, room_ids: dict[str, str], received_time: int | None) -> list[tuple]:
-    """Every case through the engine's checks, one chunk per room."""
+async def _in_check_process(pool: CheckPool, pdus: list[dict[str, Any]], version: RoomVersion, room_id: str,
+                            promised: set[str], keys: dict, received_time: int | None) -> Any:
+    for _ in range(600):
+        if pool.ready():
+            break
+        await _sleep(0.05)
+    assert pool.ready(), "the check process did not start"
+    before = pool.requests
+    verdicts = await pool.check(pdus, version.identifier, raw_keys(keys), received_time)
+    assert pool.requests == before + 1
+    return await threads.deferToThread(collect_worker_verdicts, verdicts, version, room_id, promised, promised)
+
+
+def _sleep(seconds: float) -> "defer.Deferred[None]":
+    d: "defer.Deferred[None]" = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def _our_path(hs: SynapseHomeServer, cases: list[Case], version: RoomVersion, room_ids: dict[str, str],
+                    received_time: int | None, pool: CheckPool | None = None) -> list[tuple]:
+    """Every case through the engine's checks, one chunk per room (in a check
+    process if `pool` is given, else in a thread)."""
     outcomes: dict[int, tuple] = {}
     for room_id in dict.fromkeys(room_ids.values()):
         indexes = [i for i, c in enumerate(cases) if room_ids[c.name] == room_id]
@@ -524,9 +550,12 @@ async def _our_path(hs: SynapseHomeServer, cases: list[Case], version: RoomVersi
         ids = {i: _lenient_id(cases[i].body, version) for i in indexes}
         promised = {e for e in ids.values() if e is not None}
         keys = await _keys_for(hs, pdus, version)
-        result = await threads.deferToThread(
-            check_chunk, pdus, version, room_id, promised, promised, keys, received_time
-        )
+        if pool is not None:
+            result = await _in_check_process(pool, pdus, version, room_id, promised, keys, received_time)
+        else:
+            result = await threads.deferToThread(
+                check_chunk, pdus, version, room_id, promised, promised, keys, received_time
+            )
         await run_spam_checks(hs, result)
         by_id = {event.event_id: event for event in result.accepted}
         assert len(by_id) == len(result.accepted)
@@ -553,10 +582,21 @@ async def _world(hs: SynapseHomeServer, version: str) -> tuple[Room, Room]:
     return _prepared[version]
 
 
+@pytest.fixture(scope="module")
+def check_pool() -> Any:
+    pool = CheckPool(reactor, 1)
+    pool.warm_up()
+    yield pool
+    pool.stop()
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
 @pytest.mark.parametrize("received_time", [None, RECEIVED], ids=["pulled", "with-received-time"])
 @pytest.mark.parametrize("version", ROOM_VERSIONS, ids=[f"v{v}" for v in ROOM_VERSIONS])
 @pytest_twisted.ensureDeferred
-async def test_every_hostile_event_gets_synapse_s_outcome(hs: SynapseHomeServer, version: str, received_time: int | None) -> None:
+async def test_every_hostile_event_gets_synapse_s_outcome(
+    hs: SynapseHomeServer, check_pool: CheckPool, version: str, received_time: int | None, where: str
+) -> None:
     room, policy_room = await _world(hs, version)
     rv = KNOWN_ROOM_VERSIONS[version]
     cases = _cases(room, policy_room)
@@ -564,7 +604,7 @@ async def test_every_hostile_event_gets_synapse_s_outcome(hs: SynapseHomeServer,
     assert len(room_ids) == len(cases), "case names must be unique"
 
     theirs = [await _synapse_path(hs, c.body, rv, room_ids[c.name], received_time) for c in cases]
-    ours = await _our_path(hs, cases, rv, room_ids, received_time)
+    ours = await _our_path(hs, cases, rv, room_ids, received_time, check_pool if where == "process" else None)
 
     table = []
     for case, t, o in zip(cases, theirs, ours):
