@@ -15,7 +15,8 @@ each from a fresh server and a fresh fake resident process, and measured:
              5 % of a core for 3 s in a row, after /members), and the CPU
              seconds it used until then: the work a join leaves behind (user
              directory, sliding-sync tables, caches) counts too
-  peak RSS and CPU seconds of the joining Synapse (from /proc)
+  peak RSS and CPU seconds of the joining Synapse and its child processes
+             (check processes) from /proc
   bytes served per federation endpoint (counted by the fake resident)
   responsiveness: latency of GET /account/whoami polled every 100 ms from the
              join until T_full
@@ -92,29 +93,43 @@ class ProcSampler(threading.Thread):
         self.timeline: list[tuple[float, float, float]] = []
         """(seconds since start, RSS MB, CPU seconds since start), once a second."""
 
+    def tree(self) -> list[int]:
+        """The process and its live children (a joiner's check processes):
+        their memory and CPU count as the joiner's."""
+        pids = [self.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == self.pid:
+                    pids.append(int(entry.name))
+        return pids
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.tree():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # utime + stime, and for the joiner the children it has reaped.
+            total += int(fields[11]) + int(fields[12])
+            if pid == self.pid:
+                total += int(fields[13]) + int(fields[14])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def rss(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def run(self) -> None:
-        next_point = 0.0
-        while not self.stop_event.wait(self.interval):
+        total = 0
+        for pid in self.tree():
             try:
-                rss = self.rss()
-                self.peak_rss = max(self.peak_rss, rss)
-                offset = time.monotonic() - self.started
-                if offset >= next_point:
-                    self.timeline.append((round(offset, 1), round(rss / 2**20, 1),
-                                          round(self.cpu_seconds() - self.cpu_start, 2)))
-                    next_point = offset + 1.0
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
             except OSError:
-                return
+                continue
+        return total
 
     def wait_idle(self, timeout: float, window: float = 3.0, share: float = 0.05) -> float | None:
         """Block until the process used under `share` of a core for `window`
