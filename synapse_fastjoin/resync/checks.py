@@ -27,10 +27,10 @@ Numbers: Synapse parses federation JSON with the standard library (`/send`,
 `/event`): a number with a fraction or an exponent becomes a float and an
 integer of any size an int, and in room versions with strict canonical JSON
 both a float and an integer out of range get the event refused. The streamed
-`/state` parser hands over non-integers as `Decimal` instead (see
-`resync.stream`), and `check_chunk` turns them into the float the standard
-library would have made (a `Decimal` is refused by strict canonical JSON just
-as a float is, so this matters only for the older room versions).
+`/state` parser (`resync.stream`) uses the same decoder with the same
+settings, so the events reach these checks as Synapse's own paths would have
+them. (`parse_pdu` still turns any `Decimal` it is given into the float the
+standard library would have made, for callers that parse otherwise.)
 
 What needs the reactor (the spam checker's and the policy server's verdicts,
 which Synapse asks for in `FederationBase._check_sigs_and_hash` right after the

@@ -14,16 +14,20 @@ promised:
 - no data for `idle_timeout` seconds.
 """
 
+import codecs
+import json
 import logging
+import re
 from typing import Any, Callable
 
-import ijson
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+
+from synapse.util.json import json_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -72,21 +76,8 @@ class StateBodyReader(Protocol):
         self._paused = False
         self._finished = False
         self._idle: IDelayedCall | None = None
-        # Two C-level item parsers over the same bytes: the state, then the
-        # auth chain (ijson's items parser follows one prefix).
-        #
-        # Numbers: not `use_float=True` (what Synapse's own /state parser
-        # uses): with it, yajl fails the whole body on one integer beyond 64
-        # bits or one float beyond a double's range, so a single hostile event
-        # would cost every other one. Without it integers come as ints of any
-        # size and other numbers as Decimals, which `checks.check_chunk` judges
-        # exactly as Synapse judges what its standard-library JSON parser made
-        # of them on `/send` and `/event` (refused under strict canonical
-        # JSON, floats otherwise).
-        self._parsers = [
-            ijson.items_coro(_Collector(self._buffer), prefix, use_float=False)
-            for prefix in ("pdus.item", "auth_chain.item")
-        ]
+        # One pass over the body (see `_ItemParser`).
+        self._parser = _ItemParser(self._buffer, ("pdus", "auth_chain"))
 
     # Protocol
 
@@ -100,9 +91,8 @@ class StateBodyReader(Protocol):
         self.bytes += len(data)
         before = len(self._buffer)
         try:
-            for parser in self._parsers:
-                parser.send(data)
-        except Exception as e:
+            self._parser.send(data)
+        except ValueError as e:
             self._abort(f"the body is not valid JSON: {e}")
             return
         completed = len(self._buffer) - before
@@ -132,9 +122,8 @@ class StateBodyReader(Protocol):
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             try:
-                for parser in self._parsers:
-                    parser.close()
-            except Exception as e:
+                self._parser.close()
+            except ValueError as e:
                 # The events that arrived whole are as good as any: hand them
                 # on before failing, so the next round need not fetch them.
                 self._emit_rest()
@@ -229,18 +218,136 @@ class StateBodyReader(Protocol):
         self._abort(f"no data for {self._idle_timeout:.0f} s")
 
 
-class _Collector:
-    """The target of an ijson coroutine: appends each complete item."""
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# What the end of the data may hold of a token that is not finished yet (a
+# literal, a number, a \\u escape): an error there may be only a cut.
+_UNFINISHED_TOKEN = re.compile(r"[-+0-9.eEtrunlsfa-dA-F\\]*\Z")
 
-    def __init__(self, into: list[dict[str, Any]]) -> None:
+
+class _ItemParser:
+    """Reads a JSON object as it arrives and appends each item of its arrays
+    under `keys` to `into`, in one pass over the bytes.
+
+    The items are parsed by the standard library's C decoder with Synapse's
+    own settings (`synapse.util.json.json_decoder`: what Synapse's `/send`
+    and `/event` paths parse a PDU with), so numbers are exactly what Synapse
+    makes of the same text there: integers of any size as ints, anything
+    else as floats, NaN and Infinity refused. Only the structure around the
+    items (a few characters per item) is walked in Python.
+
+    An item that is not complete yet is parsed again when more data comes
+    (the reader bounds how much may arrive without completing one). Raises
+    ValueError for a body that cannot be JSON, or not UTF-8.
+    """
+
+    def __init__(self, into: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
         self._into = into
+        self._keys = keys
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._text = ""
+        self._pos = 0
+        self._state = "start"
+        self._key: str | None = None
 
-    def send(self, item: Any) -> None:
-        if isinstance(item, dict):
-            self._into.append(item)
-        else:
-            # Not an event; keep the count honest so the caller's limits apply.
-            self._into.append({"__not_an_object__": True})
+    def send(self, data: bytes) -> None:
+        try:
+            text = self._decoder.decode(data)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8: {e}") from None
+        self._text = self._text[self._pos :] + text if self._pos else self._text + text
+        self._pos = 0
+        self._run(final=False)
 
     def close(self) -> None:
-        pass
+        try:
+            self._text = self._text[self._pos :] + self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8: {e}") from None
+        self._pos = 0
+        self._run(final=True)
+        if self._state != "done":
+            raise ValueError("the body ended before the JSON object did")
+
+    def _value(self, final: bool) -> tuple[Any, bool]:
+        """Parse the value at the current position: (value, True), or
+        (None, False) if it is not complete yet."""
+        text, pos = self._text, self._pos
+        try:
+            value, end = json_decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            if not final and (
+                e.msg.startswith("Unterminated string")
+                or (e.pos >= len(text) - 8 and _UNFINISHED_TOKEN.match(text, e.pos))
+            ):
+                return None, False
+            raise ValueError(f"{e.msg} at byte {e.pos}") from None
+        except ValueError as e:  # NaN or Infinity (Synapse's decoder refuses them)
+            raise ValueError(str(e)) from None
+        if end == len(text) and not final and not isinstance(value, (dict, list, str)):
+            # A number may go on in the next piece of data.
+            return None, False
+        self._pos = end
+        return value, True
+
+    def _run(self, final: bool) -> None:
+        text = self._text
+        while True:
+            self._pos = _WHITESPACE.match(text, self._pos).end()  # type: ignore[union-attr]
+            if self._pos >= len(text):
+                return
+            c = text[self._pos]
+            state = self._state
+            if state == "start":
+                if c != "{":
+                    raise ValueError("the body is not a JSON object")
+                self._pos += 1
+                self._state = "key_or_end"
+            elif state in ("key_or_end", "key"):
+                if c == "}" and state == "key_or_end":
+                    self._pos += 1
+                    self._state = "done"
+                    continue
+                if c != '"':
+                    raise ValueError(f"expected a key at {c!r}")
+                key, complete = self._value(final)
+                if not complete:
+                    return
+                self._key = key
+                self._state = "colon"
+            elif state == "colon":
+                if c != ":":
+                    raise ValueError(f"expected ':' at {c!r}")
+                self._pos += 1
+                self._state = "value"
+            elif state == "value":
+                if c == "[" and self._key in self._keys:
+                    self._pos += 1
+                    self._state = "item_or_end"
+                    continue
+                _, complete = self._value(final)  # anything else is skipped
+                if not complete:
+                    return
+                self._state = "after_value"
+            elif state in ("item_or_end", "item"):
+                if c == "]" and state == "item_or_end":
+                    self._pos += 1
+                    self._state = "after_value"
+                    continue
+                item, complete = self._value(final)
+                if not complete:
+                    return
+                # Not an event: counted all the same, so the reader's limits apply.
+                self._into.append(item if isinstance(item, dict) else {"__not_an_object__": True})
+                self._state = "after_item"
+            elif state == "after_item":
+                if c not in ",]":
+                    raise ValueError(f"expected ',' or ']' at {c!r}")
+                self._pos += 1
+                self._state = "item" if c == "," else "after_value"
+            elif state == "after_value":
+                if c not in ",}":
+                    raise ValueError(f"expected ',' or '}}' at {c!r}")
+                self._pos += 1
+                self._state = "key" if c == "," else "done"
+            else:  # done: only whitespace may follow
+                raise ValueError(f"data after the end of the object at {c!r}")

@@ -264,3 +264,57 @@ def test_reader_gives_up_on_a_silent_server():
 
 
 # Which servers a resync asks: tests/unit/test_fetch_policy.py
+
+
+# One pass over the body: whatever the body's pieces, the items are those the
+# standard library (Synapse's decoder) makes of the whole body.
+
+_TRICKY_BODY = (
+    '{ "origin" : "x", "pdus" : [ {"a": 1.5e3, "b": -0, "c": 12345678901234567890123, '
+    '"s": "quote \\" brace } bracket ] \\u00e9 \\ud83d\\ude00 caf\u00e9 \U0001f600", "n": null, '
+    '"t": [true, false, {"deep": [[], {}]}]} , {"k": "\\\\"}, 7, "str", [1] ],\n'
+    ' "other": {"pdus": [{"not": "an item"}]}, "auth_chain": [{"z": -1.25E-2}], "tail": [1, 2] }'
+).encode("utf-8")
+
+
+def _items(body: bytes, step: int) -> list:
+    chunks = []
+    reader = _reader(chunks, chunk_size=100)
+    for i in range(0, len(body), step):
+        reader.dataReceived(body[i : i + step])
+    reader.connectionLost(Failure(ResponseDone()))
+    assert reader.done.called and not isinstance(reader.done.result, Failure), reader.done.result
+    return [item for chunk in chunks for item in chunk]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, 10_000])
+def test_reader_items_equal_the_standard_librarys_in_any_pieces(step):
+    whole = json.loads(_TRICKY_BODY)
+    expected = [
+        item if isinstance(item, dict) else {"__not_an_object__": True}
+        for item in whole["pdus"] + whole["auth_chain"]
+    ]
+    assert _items(_TRICKY_BODY, step) == expected
+    # The numbers are the standard library's: big integers whole, no Decimals.
+    assert type(_items(_TRICKY_BODY, step)[0]["a"]) is float
+
+
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        (b'{"pdus":[{"a": NaN}]}', "not valid JSON"),
+        (b'{"pdus":[{"a": "\xff\xfe"}]}', "not UTF-8"),
+        (b'{"pdus":[{"a": 1} {"b": 2}]}', "not valid JSON"),
+        (b'["pdus"]', "not valid JSON"),
+        (b'{"pdus":[{"a": 1}]} trailing', "not valid JSON"),
+    ],
+    ids=["nan", "not-utf8", "missing-comma", "not-an-object", "trailing-data"],
+)
+def test_reader_refuses_bodies_that_are_not_json(body, why):
+    reader = _reader([])
+    errors = []
+    reader.done.addErrback(errors.append)
+    reader.dataReceived(body)
+    reader.connectionLost(Failure(ResponseDone()))
+    assert errors and errors[0].check(StreamAborted)
+    assert why in str(errors[0].value)
