@@ -18,6 +18,7 @@ from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
+from synapse_fastjoin.handlers.presence import PartialStatePresence
 from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
 from synapse_fastjoin.resync.engine import ResyncEngine
@@ -27,7 +28,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 8
+HOOKS_API_VERSION = 9
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -86,6 +87,9 @@ class FastJoinModule:
         self.device_list_replay = DeviceListReplay(api._hs)
         # The auth state of events received while partial (any process).
         self.partial_auth = PartialStateAuth()
+        # Presence from the servers of partial-state rooms (any process that
+        # serves /sync).
+        self.presence = PartialStatePresence(api._hs)
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
@@ -107,6 +111,7 @@ class FastJoinModule:
             state_ids_while_partial=self.own_state_ids.state_ids_while_partial,
             device_list_replay_hosts=self.device_list_replay.replay_hosts,
             state_for_auth_while_partial=self.partial_auth.state_for_auth_while_partial,
+            presence_users_in_partial_rooms=self.presence.users_in_partial_rooms,
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.
