@@ -19,6 +19,7 @@ from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
 from synapse_fastjoin.handlers.presence import PartialStatePresence
+from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
 from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
 from synapse_fastjoin.resync.engine import ResyncEngine
@@ -90,6 +91,9 @@ class FastJoinModule:
         # Presence from the servers of partial-state rooms (any process that
         # serves /sync).
         self.presence = PartialStatePresence(api._hs)
+        # Auth events rejected against partial state only (any process that
+        # receives federation events).
+        self.provisional_rejections = ProvisionalRejections(api._hs)
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
@@ -112,6 +116,7 @@ class FastJoinModule:
             device_list_replay_hosts=self.device_list_replay.replay_hosts,
             state_for_auth_while_partial=self.partial_auth.state_for_auth_while_partial,
             presence_users_in_partial_rooms=self.presence.users_in_partial_rooms,
+            auth_events_while_partial=self.provisional_rejections.auth_events_while_partial,
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.
