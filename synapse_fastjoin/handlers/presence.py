@@ -19,6 +19,11 @@ is a belief about servers, not users (the resident did not say which of a
 server's users are in the room), the same one Synapse makes to send our events
 and device-list updates while partial.
 
+Cost: nothing for a user in no partial-state room (Synapse's cached set of
+partial rooms and the user's cached rooms answer that); otherwise, per /sync,
+one read of each partial room's join-time servers and one indexed read of the
+presence updates since the sync's token.
+
 A wrong belief ends with the resync: once the room has full state it is no
 longer partial, nothing is added here for it, and Synapse's own sharing check
 over the full memberships decides again.
