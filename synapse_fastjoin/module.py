@@ -18,6 +18,8 @@ from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
+from synapse_fastjoin.handlers.presence import PartialStatePresence
+from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
 from synapse_fastjoin.handlers.user_directory import UserDirectoryBatcher
 from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
@@ -87,6 +89,12 @@ class FastJoinModule:
         self.device_list_replay = DeviceListReplay(api._hs)
         # The auth state of events received while partial (any process).
         self.partial_auth = PartialStateAuth()
+        # Presence from the servers of partial-state rooms (any process that
+        # serves /sync).
+        self.presence = PartialStatePresence(api._hs)
+        # Auth events rejected against partial state only (any process that
+        # receives federation events).
+        self.provisional_rejections = ProvisionalRejections(api._hs)
         self.user_directory = UserDirectoryBatcher()
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
@@ -109,6 +117,8 @@ class FastJoinModule:
             state_ids_while_partial=self.own_state_ids.state_ids_while_partial,
             device_list_replay_hosts=self.device_list_replay.replay_hosts,
             state_for_auth_while_partial=self.partial_auth.state_for_auth_while_partial,
+            presence_users_in_partial_rooms=self.presence.users_in_partial_rooms,
+            auth_events_while_partial=self.provisional_rejections.auth_events_while_partial,
             user_directory_deltas=self.user_directory.handle_deltas,
         )
 

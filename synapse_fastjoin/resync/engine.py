@@ -45,6 +45,7 @@ from synapse.state import StateResolutionStore
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 from synapse.util.duration import Duration
 
+from synapse_fastjoin.handlers.device_lists import RemoteDeviceListCheck
 from synapse_fastjoin.resync.checkpool import CheckPool
 from synapse_fastjoin.resync.fetch import StateFetcher
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
@@ -264,6 +265,10 @@ class _RoomResync:
         # Fired by `wake` to cut the backoff sleep short.
         self._wakeup: "defer.Deferred[None] | None" = None
         self._aborted = False
+        # Users whose membership event in the room the resync found wrongly
+        # accepted or rejected (their cached device lists are suspect).
+        self._membership_flipped: set[str] = set()
+        self._device_lists = RemoteDeviceListCheck(hs)
 
     # Destinations.
 
@@ -485,6 +490,7 @@ class _RoomResync:
             # Re-check auth against the full state: an event accepted or
             # rejected against the partial state may have been wrongly so.
             await self._federation_event_handler._check_event_auth(None, event, context)
+            self._note_rejection_flip(event, context)
             await self._main.update_state_for_partial_state_event(event, context)
             self._storage.state.notify_event_un_partial_stated(event.event_id)
             self._notifier.notify_replication()
@@ -560,6 +566,11 @@ class _RoomResync:
                 context.state_group_before_event if context.rejected else context.state_group
             )
             pending.append((event, context))
+            if self._note_rejection_flip(event, context):
+                # The run's writes come at its end: a later event whose auth
+                # events include this one would be checked against its old
+                # rejection status. End the run here.
+                break
         if not pending:
             return 0
         self._progress.set_phase(PHASE_CATCHUP)
@@ -580,6 +591,15 @@ class _RoomResync:
         self._notifier.notify_replication()
         self._progress.catchup_done += len(pending)
         return len(pending)
+
+    def _note_rejection_flip(self, event: EventBase, context: EventContext) -> bool:
+        """Whether the re-check changed the event's rejection status; a
+        membership event's user is remembered then."""
+        if bool(context.rejected) == (event.rejected_reason is not None):
+            return False
+        if event.type == "m.room.member" and event.state_key is not None:
+            self._membership_flipped.add(event.state_key)
+        return True
 
     async def _context_from_fetched_state(
         self, event: EventBase, missing_prevs: set[str], seen_prevs: Collection[str]
@@ -632,10 +652,21 @@ class _RoomResync:
         a new partial-state event raced in (go round again)."""
         room_id = self._room_id
         self._progress.set_phase(PHASE_FINISHING)
+        joined_while_partial = await self._device_lists.remote_joined_users(room_id)
         logger.info("Resync of %s: updating current state", room_id)
         await self._state_handler.update_current_state(room_id)
         logger.info("Resync of %s: replaying pending device list updates", room_id)
         await self._hs.get_device_handler().handle_room_un_partial_stated(room_id)
+        # Before the room counts as full (clients waiting on it go on at once):
+        # device lists cached on memberships the full state contradicts.
+        try:
+            await self._device_lists.correct(
+                room_id, joined_while_partial, self._membership_flipped
+            )
+        except Exception:
+            logger.exception(
+                "Resync of %s: checking cached remote device lists failed", room_id
+            )
         async with self._federation_handler._is_partial_state_room_linearizer.queue(room_id):
             new_stream_id = await self._main.clear_partial_state_room(room_id)
         if new_stream_id is None:
