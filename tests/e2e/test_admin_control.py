@@ -25,7 +25,7 @@ from tests.e2e.test_resync_bad_input import (
     assert_complete,
     start_resident,
 )
-from tests.harness.client import ClientAPI, poll_until, quote, sleep
+from tests.harness.client import poll_until, quote, sleep
 from tests.harness.fakehs.server import FakeResident, Rule
 from tests.harness.synapse import merge_config
 

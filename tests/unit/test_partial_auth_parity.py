@@ -158,7 +158,7 @@ class Room:
         }
         if state_key is not None:
             event["state_key"] = state_key
-        event_id = finalise_event(self.version, event, sender.split(":", 1)[1])
+        finalise_event(self.version, event, sender.split(":", 1)[1])
         return make_event_from_dict(event, self.version)
 
     def add(self, *args: Any, rejected: bool = False, **kwargs: Any) -> EventBase:
