@@ -131,6 +131,20 @@ class ProcSampler(threading.Thread):
                 continue
         return total
 
+    def run(self) -> None:
+        next_point = 0.0
+        while not self.stop_event.wait(self.interval):
+            try:
+                rss = self.rss()
+                self.peak_rss = max(self.peak_rss, rss)
+                offset = time.monotonic() - self.started
+                if offset >= next_point:
+                    self.timeline.append((round(offset, 1), round(rss / 2**20, 1),
+                                          round(self.cpu_seconds() - self.cpu_start, 2)))
+                    next_point = offset + 1.0
+            except OSError:
+                return
+
     def wait_idle(self, timeout: float, window: float = 3.0, share: float = 0.05) -> float | None:
         """Block until the process used under `share` of a core for `window`
         seconds in a row; returns the monotonic time the idle window began
