@@ -60,6 +60,7 @@ def test_resync_block_defaults_and_overrides():
     config = parse_config({"resync": {"engine": False, "chunk_size": 200, "check_threads": 4}})
     assert (config.resync.engine, config.resync.chunk_size, config.resync.check_threads) == (False, 200, 4)
     assert config.resync.persist_batch_size == 500  # untouched keys keep their defaults
+    assert parse_config({"resync": {"check_processes": 0}}).resync.check_processes == 0
 
 
 @pytest.mark.parametrize(
@@ -68,6 +69,9 @@ def test_resync_block_defaults_and_overrides():
         ({"resync": {"no_such": 1}}, "resync.no_such"),
         ({"resync": {"chunk_size": "big"}}, "resync.chunk_size"),
         ({"resync": {"check_threads": 0}}, "resync.check_threads"),
+        ({"resync": {"check_processes": -1}}, "resync.check_processes"),
+        ({"resync": {"check_processes": "auto"}}, "resync.check_processes"),
+        ({"resync": {"check_process_min_events": 0}}, "resync.check_process_min_events"),
         ({"resync": {"engine": "on"}}, "resync.engine"),
         ({"resync": {"backoff_initial_seconds": 60, "backoff_max_seconds": 10}}, "resync.backoff_max_seconds"),
         ({"resync": ["engine"]}, "mapping"),
