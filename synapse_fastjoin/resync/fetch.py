@@ -593,8 +593,15 @@ class StateFetcher:
         if len(waiting) > self._config.park_limit:
             # Drop the excess: those events stay missing and are fetched again
             # in a later round, when their auth events are stored.
-            for event_id in list(waiting)[self._config.park_limit :]:
+            excess = list(waiting)[self._config.park_limit :]
+            for event_id in excess:
                 del waiting[event_id]
+            self._progress.park_dropped += len(excess)
+            logger.info(
+                "Resync of %s: %d events wait for auth events not received yet; "
+                "%d over resync.park_limit dropped, to be fetched again",
+                self._room_id, len(waiting) + len(excess), len(excess),
+            )
         self._parked = waiting
         if final and waiting:
             logger.info(

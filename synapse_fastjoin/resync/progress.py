@@ -90,6 +90,9 @@ class ResyncProgress:
     bad_signatures: int = 0
     unavailable: int = 0
     """Promised events no server would serve; left out as Synapse does."""
+    park_dropped: int = 0
+    """Events dropped because more than `resync.park_limit` waited for their
+    auth events (fetched again in a later round)."""
     bytes_received: int = 0
     # Catch-up of events that arrived while partial.
     catchup_done: int = 0
