@@ -18,8 +18,9 @@ are written to `docs/bench/resident-send-join.json` and `.md`.
 `FASTJOIN_RESIDENT_BENCH_BACKGROUND=0` turns off the updates of Synapse's user
 directory and room statistics (see docs/benchmarks.md: their work on the
 room's members after the resync shares the database with the measured joins);
-`FASTJOIN_RESIDENT_BENCH_PROFILE=DIR` logs every database transaction
-(`synapse.storage.txn` at DEBUG) and records each measured partial join with
+`FASTJOIN_RESIDENT_BENCH_TXNLOG=1` logs every database transaction
+(`synapse.storage.txn` at DEBUG) from the warm-up join on;
+`FASTJOIN_RESIDENT_BENCH_PROFILE=DIR` does too, and records each measured partial join with
 py-spy (`pip install py-spy` into the venv; every thread, idle included, so
 that waits show) into DIR/<variant>-<members>-<n>.json (speedscope: samples in time order).
 """
@@ -348,7 +349,9 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                     description="the resync to end",
                 )
                 room_id = resident.room.room_id
-                if os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE"):
+                if os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE") or os.environ.get(
+                    "FASTJOIN_RESIDENT_BENCH_TXNLOG"
+                ):
                     # Every database transaction in the log, with its time
                     # (Synapse reloads its log config on SIGHUP).
                     import signal
