@@ -15,7 +15,6 @@ from synapse_fastjoin.admin import servlets as admin_servlets
 from synapse_fastjoin.config import FastJoinConfig, parse_config
 from synapse_fastjoin.federation.destinations import PartialStateDestinations
 from synapse_fastjoin.federation.device_lists import DeviceListReplay
-from synapse_fastjoin.federation.send_join import join_restrictions_state
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
@@ -28,7 +27,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 9
+HOOKS_API_VERSION = 8
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -108,9 +107,6 @@ class FastJoinModule:
             state_ids_while_partial=self.own_state_ids.state_ids_while_partial,
             device_list_replay_hosts=self.device_list_replay.replay_hosts,
             state_for_auth_while_partial=self.partial_auth.state_for_auth_while_partial,
-            # As a resident: the restricted-join check of /send_join reads two
-            # state keys, not the full state map.
-            join_restrictions_state=join_restrictions_state,
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.
