@@ -11,11 +11,14 @@ device's latest change: Synapse's record of what it sent each server
 (`device_lists_outbound_last_success`, the newest update of the user a server
 acknowledged) is at or past that change, or an update of the device newer than
 the change is still queued for it (`device_lists_outbound_pokes`). Both are
-read by index: per server (in batches) and per stream position.
+read by index, for the replay's servers only
+(`storage/device_lists.py: hosts_with_device_change_txn`).
 """
 
 import logging
 from typing import TYPE_CHECKING, Collection
+
+from synapse_fastjoin.storage.device_lists import hosts_with_device_change_txn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -39,42 +42,13 @@ class DeviceListReplay:
         `since_stream_id` (the device-list position at the join)."""
         if not hosts:
             return hosts
-
-        host_list = sorted(hosts)
-
-        def txn(txn) -> set[str]:  # type: ignore[no-untyped-def]
-            # The device's latest change (device_lists_stream's (user_id,
-            # device_id) index).
-            txn.execute(
-                "SELECT MAX(stream_id) FROM device_lists_stream"
-                " WHERE user_id = ? AND device_id = ?",
-                (user_id, device_id),
-            )
-            row = txn.fetchone()
-            if row is None or row[0] is None:
-                return set()
-            change = max(row[0], since_stream_id)
-            already: set[str] = set()
-            # Still queued: an update of this device since the change.
-            txn.execute(
-                "SELECT DISTINCT destination FROM device_lists_outbound_pokes"
-                " WHERE stream_id >= ? AND user_id = ? AND device_id = ?",
-                (change, user_id, device_id),
-            )
-            already.update(r[0] for r in txn)
-            # Sent and acknowledged.
-            for i in range(0, len(host_list), 500):
-                batch = host_list[i : i + 500]
-                txn.execute(
-                    "SELECT destination FROM device_lists_outbound_last_success"
-                    f" WHERE user_id = ? AND stream_id >= ? AND destination IN ({','.join('?' * len(batch))})",
-                    (user_id, change, *batch),
-                )
-                already.update(r[0] for r in txn)
-            return already
-
         already = await self._store.db_pool.runInteraction(
-            "fastjoin_device_list_replay_hosts", txn
+            "fastjoin_device_list_replay_hosts",
+            hosts_with_device_change_txn,
+            user_id,
+            device_id,
+            since_stream_id,
+            hosts,
         )
         remaining = set(hosts) - already
         if len(remaining) < len(hosts):

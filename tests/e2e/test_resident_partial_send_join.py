@@ -14,12 +14,23 @@ stock and patched Synapse join a generated room of that many members through
 the fake resident, finish the resync, and then answer partial and full
 `/send_join`s of new remote users; time and the server's peak RSS per answer
 are written to `docs/bench/resident-send-join.json` and `.md`.
+`FASTJOIN_RESIDENT_BENCH_VARIANTS=patched` measures one variant only;
+`FASTJOIN_RESIDENT_BENCH_BACKGROUND=0` turns off the updates of Synapse's user
+directory and room statistics (see docs/benchmarks.md: their work on the
+room's members after the resync shares the database with the measured joins);
+`FASTJOIN_RESIDENT_BENCH_TXNLOG=1` logs every database transaction
+(`synapse.storage.txn` at DEBUG) from the warm-up join on;
+`FASTJOIN_RESIDENT_BENCH_PROFILE=DIR` does too, and records each measured partial join with
+py-spy (`pip install py-spy` into the venv; every thread, idle included, so
+that waits show) into DIR/<variant>-<members>-<n>.json (speedscope: samples in time order).
 """
 
 import json
 import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +39,7 @@ import pytest
 import pytest_twisted
 
 from tests.e2e.test_fake_resident import trusting
-from tests.harness.client import poll_until, quote
+from tests.harness.client import poll_until, quote, sleep
 from tests.harness.fakehs.events import event_id as _compute_event_id, finalise_event, room_version
 from tests.harness.fakehs.room import RoomSpec, load_or_generate
 from tests.harness.fakehs.server import FakeResident
@@ -161,6 +172,21 @@ async def test_partial_send_join_carries_the_joins_own_auth_chain_in_a_restricte
         status, body, _ = await send_join(hs, event, version)
         assert 400 <= status < 500, body
         assert bob not in await joined(creator, room)
+
+        # A user in none of the allowed rooms, with an authoriser who may
+        # authorise: the join passes the auth rules, and the restricted-join
+        # check of /send_join must still refuse it. /make_join refuses such a
+        # user, so the join is bob's template, made carol's.
+        carol = f"@carol:{REMOTE}"
+        event, version = await make_join(hs, room, bob)
+        event["sender"] = event["state_key"] = carol
+        event["content"]["join_authorised_via_users_server"] = mod_id
+        event["auth_events"] = [a for a in event["auth_events"] if a != creator_member]
+        if mod_member not in event["auth_events"]:
+            event["auth_events"].append(mod_member)
+        status, body, _ = await send_join(hs, event, version)
+        assert status == 403, body
+        assert carol not in await joined(creator, room)
     finally:
         await notary.stop()
 
@@ -222,11 +248,40 @@ async def _request_log(hs: Any, event_id: str) -> dict[str, float]:
     return found[0]
 
 
-async def _measure(hs: Any, room_id: str, user_id: str, omit_members: bool) -> dict[str, Any]:
+def _start_profile(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy on `pid` until stopped (SIGINT), every thread, idle included."""
+    spy = Path(sys.executable).with_name("py-spy")
+    proc = subprocess.Popen(
+        [str(spy), "record", "--pid", str(pid), "--rate", "250", "--threads", "--idle",
+         "--format", "speedscope", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    return proc
+
+
+async def _measure(
+    hs: Any, room_id: str, user_id: str, omit_members: bool, profile: Path | None = None
+) -> dict[str, Any]:
     event, version = await make_join(hs, room_id, user_id)
     _reset_peak(hs.pid)
     before = _rss_kib(hs.pid)
+    spy = None
+    if profile is not None:
+        spawned = time.monotonic()
+        spy = _start_profile(hs.pid, profile)
+        await sleep(1)  # py-spy attached
+    started = time.monotonic()
     status, body, seconds = await send_join(hs, event, version, omit_members=omit_members, timeout=600)
+    if spy is not None:
+        ended = time.monotonic()
+        await sleep(1)  # what the request left running (the federation sender)
+        spy.send_signal(2)
+        spy.wait(timeout=60)
+        # Where the request lies in the profile (seconds since py-spy started),
+        # and in the log (wall clock).
+        profile.with_suffix(".window").write_text(
+            json.dumps([started - spawned, ended - spawned, time.time() - (ended - started) - 1, time.time() - 1])
+        )
     assert status == 200, str(body)[:300]
     peak = _peak_rss_kib(hs.pid)
     return {
@@ -247,7 +302,7 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
     results: list[dict[str, Any]] = []
     for n in sizes:
         spec = RoomSpec(members=n, servers=1, history=10)
-        for variant in ("stock", "patched"):
+        for variant in os.environ.get("FASTJOIN_RESIDENT_BENCH_VARIANTS", "stock,patched").split(","):
             resident = FakeResident(load_or_generate(spec), tls_files)
             resident.start()
             resident.serve_keys_for(REMOTE)
@@ -266,6 +321,16 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                             ]
                         },
                     )
+                if os.environ.get("FASTJOIN_RESIDENT_BENCH_BACKGROUND") == "0":
+                    # Without the user directory's and the room statistics'
+                    # updates, which after the resync work through every
+                    # membership of the room (the user directory two
+                    # transactions per member: hours for a big room) while the
+                    # joins are measured. Nobody updates the user directory.
+                    config = merge_config(
+                        config,
+                        {"update_user_directory_from_worker": "nobody", "stats": {"enabled": False}},
+                    )
                 hs = synapse_factory(variant=variant, name=f"{variant}-{n}", config=config)
                 _, token = hs.register_user("admin", admin=True)
                 client = hs.client(token)
@@ -281,10 +346,27 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                     description="the resync to end",
                 )
                 room_id = resident.room.room_id
+                if os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE") or os.environ.get(
+                    "FASTJOIN_RESIDENT_BENCH_TXNLOG"
+                ):
+                    # Every database transaction in the log, with its time
+                    # (Synapse reloads its log config on SIGHUP).
+                    import signal
+
+                    import yaml
+
+                    log_config = yaml.safe_load(hs.log_config_path.read_text())
+                    log_config["loggers"]["synapse.storage.txn"] = {"level": "DEBUG"}
+                    hs.log_config_path.write_text(yaml.safe_dump(log_config))
+                    os.kill(hs.pid, signal.SIGHUP)
                 await _measure(hs, room_id, f"@warmup:{REMOTE}", True)
+                profile_dir = os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE")
                 for omit in (True, False):
                     runs = [
-                        await _measure(hs, room_id, f"@{'p' if omit else 'f'}{i}:{REMOTE}", omit)
+                        await _measure(
+                            hs, room_id, f"@{'p' if omit else 'f'}{i}:{REMOTE}", omit,
+                            Path(profile_dir) / f"{variant}-{n}-{i}.json" if profile_dir and omit else None,
+                        )
                         for i in range(repeats)
                     ]
                     results.append(

@@ -1,0 +1,63 @@
+"""What Synapse's device-list tables say a server already has (patch 0013's
+replay, synapse_fastjoin/federation/device_lists.py).
+
+Every statement here is answered from an index whatever the size of the
+tables, on SQLite and PostgreSQL (tests/unit/test_device_list_queries.py shows
+the plans): `device_lists_stream` by (user_id, device_id),
+`device_lists_outbound_pokes` by (destination, user_id) and
+`device_lists_outbound_last_success` by (destination, user_id), the
+destinations being the few servers the replay would send to.
+"""
+
+from typing import Collection
+
+from synapse.storage.database import LoggingTransaction
+
+# Destinations per statement (well under SQLite's 999 variables).
+BATCH = 500
+
+
+def hosts_with_device_change_txn(
+    txn: LoggingTransaction,
+    user_id: str,
+    device_id: str,
+    since_stream_id: int,
+    hosts: Collection[str],
+) -> set[str]:
+    """Those of `hosts` that already have the device's latest change made
+    since `since_stream_id` (or are sent it): Synapse's record of what each
+    server acknowledged (`device_lists_outbound_last_success`, the newest
+    update of the user a server acknowledged) is at or past the change, or an
+    update of the device at or past the change is queued for it
+    (`device_lists_outbound_pokes`)."""
+    txn.execute(
+        "SELECT MAX(stream_id) FROM device_lists_stream WHERE user_id = ? AND device_id = ?",
+        (user_id, device_id),
+    )
+    row = txn.fetchone()
+    if row is None or row[0] is None:
+        return set()
+    change = max(row[0], since_stream_id)
+    host_list = sorted(hosts)
+    already: set[str] = set()
+    for i in range(0, len(host_list), BATCH):
+        batch = host_list[i : i + BATCH]
+        in_list = ",".join("?" * len(batch))
+        # Queued: by (destination, user_id), for these destinations only (a
+        # range on stream_id would read every server's pokes since the change,
+        # and SQLite scanned the whole table for the DISTINCT).
+        txn.execute(
+            "SELECT destination FROM device_lists_outbound_pokes"
+            f" WHERE destination IN ({in_list}) AND user_id = ?"
+            " AND device_id = ? AND stream_id >= ?",
+            (*batch, user_id, device_id, change),
+        )
+        already.update(r[0] for r in txn)
+        # Sent and acknowledged.
+        txn.execute(
+            "SELECT destination FROM device_lists_outbound_last_success"
+            f" WHERE destination IN ({in_list}) AND user_id = ? AND stream_id >= ?",
+            (*batch, user_id, change),
+        )
+        already.update(r[0] for r in txn)
+    return already
