@@ -8,10 +8,12 @@ table) and one for `users_in_public_rooms`, each with its own commit. At
 200,000 members that is 400,000 commits, minutes of work after the room is
 already usable (stock Synapse does the same after its own resync).
 
-Here, runs of such deltas are written in one transaction each per step,
-through Synapse's own batch functions for those tables
-(`_update_profiles_in_user_dir_txn`, `add_users_in_public_rooms`), with the
-values Synapse's per-delta code computes. Only the plainest deltas are taken
+Here, runs of such deltas are written in one transaction each per step, with
+the values Synapse's per-delta code computes: `users_in_public_rooms` through
+Synapse's own `add_users_in_public_rooms`, the profiles through Synapse's
+batch function on PostgreSQL and, on SQLite, through
+`storage/user_directory.py`, which writes the same rows without Synapse's
+scan of the whole search table per user. Only the plainest deltas are taken
 (a remote user's membership with no previous membership, in a room that is
 public): everything else, in its place in the order, goes through Synapse's
 own per-delta code, as do whole runs in a private room. A test
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from synapse.api.constants import EventTypes, Membership
 from synapse.storage.databases.main.user_directory import _UserDirProfile
+
+from synapse_fastjoin.storage.user_directory import update_profiles_in_user_dir_txn
 
 if TYPE_CHECKING:
     from synapse.handlers.user_directory import UserDirectoryHandler
@@ -97,7 +101,7 @@ class UserDirectoryBatcher:
             joined.append(delta.state_key)
         if profiles:
             await store.db_pool.runInteraction(
-                "update_profiles_in_user_dir", store._update_profiles_in_user_dir_txn, profiles
+                "fastjoin_update_profiles_in_user_dir", update_profiles_in_user_dir_txn, store, profiles
             )
         if joined:
             await store.add_users_in_public_rooms(room_id, joined)
