@@ -65,7 +65,10 @@ class FastJoinModule:
 
         # Partial-state rooms' inbound queues: kept whole and bounded.
         self.inbound_queue = InboundQueue(
-            api._hs, self.store, config.resync.inbound_queue_limit
+            api._hs,
+            self.store,
+            config.resync.inbound_queue_limit,
+            api.run_as_background_process,
         )
 
         # Synapse runs resyncs on the main process only; so does the engine.
@@ -115,7 +118,7 @@ class FastJoinModule:
         # Prometheus metrics (served by Synapse's metrics listener), main only.
         self.metrics: FastJoinMetrics | None = None
         if self._is_main_process:
-            self.metrics = FastJoinMetrics(api, self.engine)
+            self.metrics = FastJoinMetrics(api, self.engine, self.inbound_queue.stats)
             self.metrics.start()
 
         if self._is_main_process:

@@ -25,10 +25,9 @@ were dropped, fetched again, are pending, and failed.
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from synapse.api.errors import FederationError
-from synapse.logging.context import run_in_background
 from synapse.util.async_helpers import yieldable_gather_results
 
 from synapse_fastjoin.storage.store import FastJoinStore
@@ -75,8 +74,18 @@ class InboundQueue:
         limit: `resync.inbound_queue_limit` (0: no bound).
     """
 
-    def __init__(self, hs: "HomeServer", store: FastJoinStore, limit: int) -> None:
+    def __init__(
+        self,
+        hs: "HomeServer",
+        store: FastJoinStore,
+        limit: int,
+        run_in_background: Callable[..., Any],
+    ) -> None:
         self._hs = hs
+        # ModuleApi.run_as_background_process: refills run in their own
+        # logcontext (they outlive the event, or the looping call, that
+        # started them).
+        self._run_in_background = run_in_background
         self._store = store
         self._main_store = hs.get_datastores().main
         self._server_name = hs.hostname
@@ -143,7 +152,7 @@ class InboundQueue:
     def schedule_refill(self, room_id: str) -> None:
         if room_id in self._refilling:
             return
-        run_in_background(self._refill_logged, room_id)
+        self._run_in_background("fastjoin_inbound_refill_room", self._refill_logged, room_id)
 
     async def refill_all(self) -> None:
         """Fetch again what waits in every room whose queue has room (run
