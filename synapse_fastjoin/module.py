@@ -28,7 +28,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 8
+HOOKS_API_VERSION = 9
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -113,6 +113,9 @@ class FastJoinModule:
             state_ids_while_partial=self.own_state_ids.state_ids_while_partial,
             device_list_replay_hosts=self.device_list_replay.replay_hosts,
             state_for_auth_while_partial=self.partial_auth.state_for_auth_while_partial,
+            on_inbound_event_staged=(
+                self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
+            ),
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.

@@ -7,7 +7,9 @@ memory. Before each next event it offers to prune the queue; patch 0006 lets
 the module say no (`may_prune`), because Synapse's pruning drops every queued
 event that another queued event refers to, for good, and during a long resync
 that is most of the live traffic. Synapse's pruning also reads every queued
-event into memory at once.
+event into memory at once. Patch 0021 tells the module of each event staged
+(`on_staged`), so the bound also holds while the queue's processing is
+stalled.
 
 While the module keeps a room's queue, it keeps it within
 `resync.inbound_queue_limit` itself: the newest events past the bound leave the
@@ -126,6 +128,21 @@ class InboundQueue:
             self._protected.discard(room_id)
             return True
         return False
+
+    async def on_staged(self, room_id: str) -> None:
+        """Patch 0021's callback, after each inbound event is staged: bounds a
+        kept queue as events arrive, also while its processing is stalled (an
+        event waiting for a fetch, or for the room's full state), when
+        `may_prune` is not asked."""
+        if room_id not in self._protected:
+            if not await self._main_store.is_partial_state_room(room_id):
+                return
+            self._protected.add(room_id)
+        dropped, staged, pending = await self._store.bound_inbound_queue(
+            room_id, self.limit, _now_ms(), quick=True
+        )
+        if dropped:
+            self._note_dropped(room_id, dropped, staged, pending)
 
     def _room_for_refill(self, staged: int) -> bool:
         return not self.limit or staged <= self.limit // 2

@@ -393,10 +393,15 @@ class FastJoinStore:
     # Bounded inbound staging (storage/inbound.py).
 
     async def bound_inbound_queue(
-        self, room_id: str, limit: int, now_ms: int
+        self, room_id: str, limit: int, now_ms: int, quick: bool = False
     ) -> tuple[int, int, int]:
         return await self._interaction(
-            "fastjoin_bound_inbound_queue", inbound.bound_queue_txn, room_id, limit, now_ms
+            "fastjoin_bound_inbound_queue",
+            inbound.bound_queue_txn,
+            room_id,
+            limit,
+            now_ms,
+            quick,
         )
 
     async def count_staged(self, room_id: str) -> int:

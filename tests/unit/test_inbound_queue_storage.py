@@ -125,3 +125,21 @@ def test_retry_backoff_hides_an_event_until_its_next_attempt(database: Database)
     assert database.run_sync("p", inbound.get_pending_txn, ROOM, 10, 50_000) == [
         ("$e100", "a.org", 1)
     ]
+
+
+def test_quick_check_at_arrival_touches_nothing_within_the_bound(database: Database):
+    database.run_sync("prepare", prepare_schema_txn)
+    for i in range(100):
+        _stage(database, f"$e{i:03}", 1000 + i)
+    quick = lambda limit: database.run_sync(  # noqa: E731
+        "q", inbound.bound_queue_txn, ROOM, limit, 10_000, True
+    )
+    assert quick(100) == (0, 100, 0)
+    assert quick(0) == (0, 100, 0)
+    _stage(database, "$e100", 1100)
+    assert quick(100) == (1, 100, 1)  # past the bound: the full check
+    # Within the bound, but a dropped event waits: a later arrival goes behind it.
+    database.execute("DELETE FROM federation_inbound_events_staging WHERE event_id = ?", "$e000")
+    _stage(database, "$late", 2000)
+    assert quick(100) == (1, 99, 2)
+    assert _pending(database) == ["$e100", "$late"]
