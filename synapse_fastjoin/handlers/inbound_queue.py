@@ -101,10 +101,33 @@ class InboundQueue:
         self._log_state: dict[str, tuple[float, int]] = {}
 
     async def startup(self) -> None:
-        """Rooms with dropped events still to fetch again (after a restart)
-        stay protected, and are fetched again when their queue allows."""
+        """After a restart: rooms with dropped events still to fetch again stay
+        protected, and are fetched again when their queue allows; the queues
+        left on disk are processed now.
+
+        Synapse processes the events staged before a restart only once a
+        federation transaction arrives (FederationServer
+        `_handle_old_staged_events`, started by the first one); a partial-state
+        room whose servers have nothing more to send would keep its queue (and
+        the dropped events behind it) for ever. So start that here, as the first
+        transaction would (it takes each room's processing lock: no room is
+        processed twice)."""
         for room_id in await self._store.rooms_with_dropped_pending():
             self._protected.add(room_id)
+        staged_rooms = await self._main_store.get_all_rooms_with_staged_incoming_events()
+        kept = [
+            room_id
+            for room_id in staged_rooms
+            if room_id in self._protected
+            or await self._main_store.is_partial_state_room(room_id)
+        ]
+        if kept:
+            logger.info(
+                "Processing the inbound events queued before the restart (%d rooms, %d kept)",
+                len(staged_rooms),
+                len(kept),
+            )
+            self._hs.get_federation_server()._handle_old_staged_events()
         await self.refill_all()
 
     async def may_prune(self, room_id: str) -> bool:
