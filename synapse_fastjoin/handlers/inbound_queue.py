@@ -134,6 +134,14 @@ class InboundQueue:
         """Patch 0006's callback, asked by Synapse before each next queued
         event of a room: whether Synapse may prune the queue (never while the
         module keeps it). Bounds a kept queue."""
+        try:
+            return await self._may_prune(room_id)
+        except Exception:
+            # Synapse would prune on a failing callback: keep the queue.
+            logger.exception("Bounding the inbound queue of %s failed", room_id)
+            return room_id not in self._protected
+
+    async def _may_prune(self, room_id: str) -> bool:
         partial = await self._main_store.is_partial_state_room(room_id)
         if partial:
             self._protected.add(room_id)

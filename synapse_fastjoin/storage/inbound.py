@@ -62,27 +62,19 @@ def _drop_txn(
         # The same event may be staged from two origins: one row of ours.
         if event_id not in dropped:
             dropped[event_id] = (event_id, origin, received_ts)
-    for event_id, origin, received_ts in dropped.values():
-        txn.execute(
-            "SELECT received_ts FROM fastjoin_inbound_dropped"
-            " WHERE room_id = ? AND event_id = ?",
-            (room_id, event_id),
-        )
-        known = txn.fetchone()
-        if known is None:
-            txn.execute(
-                "INSERT INTO fastjoin_inbound_dropped (room_id, event_id, origin,"
-                " received_ts, dropped_ts, state, attempts, next_attempt_ts)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
-                (room_id, event_id, origin, received_ts, now_ms, PENDING),
-            )
-        else:
-            # Keeps its first place in the order (its first received_ts).
-            txn.execute(
-                "UPDATE fastjoin_inbound_dropped SET state = ?, dropped_ts = ?,"
-                " done_ts = NULL WHERE room_id = ? AND event_id = ?",
-                (PENDING, now_ms, room_id, event_id),
-            )
+    # An upsert: two transactions may drop the same event at once (one as it
+    # arrives, one before the next event is processed); the one known before
+    # keeps its first place in the order (its first received_ts).
+    txn.execute_batch(
+        "INSERT INTO fastjoin_inbound_dropped (room_id, event_id, origin, received_ts,"
+        " dropped_ts, state, attempts, next_attempt_ts) VALUES (?, ?, ?, ?, ?, ?, 0, 0)"
+        " ON CONFLICT (room_id, event_id) DO UPDATE SET state = excluded.state,"
+        " dropped_ts = excluded.dropped_ts, done_ts = NULL",
+        [
+            (room_id, event_id, origin, received_ts, now_ms, PENDING)
+            for event_id, origin, received_ts in dropped.values()
+        ],
+    )
     # By (origin, event_id): the staging table's unique index (its room index
     # is on received_ts, and would make each delete scan the room's queue).
     txn.execute_batch(
