@@ -156,7 +156,11 @@ class FastJoinModule:
             logger.info("Forgot %d rooms that are no longer partial-state", forgotten)
         await self._prune_history()
         if self._config.resync.keep_inbound_queue:
-            await self.inbound_queue.startup()
+            try:
+                await self.inbound_queue.startup()
+            except Exception:
+                # The periodic refill and Synapse's own handling take over.
+                logger.exception("Resuming the inbound queues after the restart failed")
         if self.metrics is not None:
             await self.metrics.database_ready()
 
