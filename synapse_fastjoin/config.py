@@ -96,6 +96,12 @@ class ResyncConfig:
     """Stop Synapse from pruning a partial-state room's queue of inbound events
     (which otherwise drops most live events during a long resync)."""
 
+    inbound_queue_limit: int = 10000
+    """At most this many inbound events wait in a kept queue (a partial-state
+    room's, see `keep_inbound_queue`); the newest past it are dropped from the
+    queue by id and fetched again from the federation once it has drained
+    below half the bound, oldest first (never lost). 0: no bound."""
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class FastJoinConfig:
@@ -158,6 +164,21 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+# Synapse itself prunes a queue once this many events wait: a smaller bound
+# would drop more than stock Synapse does.
+_MIN_INBOUND_QUEUE_LIMIT = 100
+
+
+def _queue_limit(key: str, value: Any) -> int:
+    limit = _int(key, value, 0)
+    if 0 < limit < _MIN_INBOUND_QUEUE_LIMIT:
+        raise ConfigError(
+            f"'{key}' must be 0 (no bound) or at least {_MIN_INBOUND_QUEUE_LIMIT}, not {limit}",
+            path=_CONFIG_PATH + (key,),
+        )
+    return limit
+
+
 _RESYNC_PATH = _CONFIG_PATH + ("resync",)
 
 _RESYNC_PARSERS = {
@@ -181,6 +202,7 @@ _RESYNC_PARSERS = {
     "backoff_max_seconds": lambda key, v: _int(key, v, 1),
     "log_interval_seconds": lambda key, v: _int(key, v, 1),
     "keep_inbound_queue": lambda key, v: _bool(key, v),
+    "inbound_queue_limit": lambda key, v: _queue_limit(key, v),
 }
 
 

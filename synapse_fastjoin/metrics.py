@@ -51,6 +51,7 @@ from synapse_fastjoin.resync.progress import (
 )
 
 if TYPE_CHECKING:
+    from synapse_fastjoin.handlers.inbound_queue import InboundQueueStats
     from synapse.module_api import ModuleApi
 
     from synapse_fastjoin.resync.engine import ResyncEngine
@@ -199,9 +200,16 @@ class FastJoinMetrics:
             only the database-backed gauges and the histograms are exported).
     """
 
-    def __init__(self, api: "ModuleApi", engine: "ResyncEngine | None") -> None:
+    def __init__(
+        self,
+        api: "ModuleApi",
+        engine: "ResyncEngine | None",
+        inbound: "InboundQueueStats | None" = None,
+    ) -> None:
         self._api = api
         self._engine = engine
+        # Totals of bounded staging (handlers/inbound_queue.py) in this process.
+        self._inbound = inbound
         self.server_name = api.server_name
         self._lock = threading.Lock()
         # Totals of the runs that ended; the runs going on, by room.
@@ -459,6 +467,12 @@ class FastJoinMetrics:
             "catchup_remaining": catchup_left,
             "pool": pool,
             "db": db,
+            "inbound": {
+                "dropped": self._inbound.dropped if self._inbound else 0,
+                "refetched": self._inbound.refetched if self._inbound else 0,
+                "arrived": self._inbound.arrived if self._inbound else 0,
+                "failed": self._inbound.failed if self._inbound else 0,
+            },
         }
 
 
@@ -545,6 +559,27 @@ def _families(servers: list[tuple[str, dict[str, Any]]]) -> list[Metric]:
         "Inbound federation events queued for partial-state rooms",
         lambda s: s["db"]["queued"],
         db=True,
+    )
+    # Bounded staging (resync.inbound_queue_limit).
+    counter(
+        "synapse_fastjoin_inbound_events_dropped_total",
+        "Inbound events dropped from a kept queue past its bound, to fetch again",
+        lambda s: s["inbound"]["dropped"],
+    )
+    counter(
+        "synapse_fastjoin_inbound_events_refetched_total",
+        "Dropped inbound events fetched again and queued",
+        lambda s: s["inbound"]["refetched"],
+    )
+    counter(
+        "synapse_fastjoin_inbound_events_arrived_total",
+        "Dropped inbound events Synapse stored meanwhile (not fetched again)",
+        lambda s: s["inbound"]["arrived"],
+    )
+    counter(
+        "synapse_fastjoin_inbound_events_refetch_failed_total",
+        "Dropped inbound events no server served again (given up)",
+        lambda s: s["inbound"]["failed"],
     )
     # Live gauges.
     phases = GaugeMetricFamily(

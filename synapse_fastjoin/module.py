@@ -17,6 +17,7 @@ from synapse_fastjoin.federation.destinations import PartialStateDestinations
 from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
+from synapse_fastjoin.handlers.inbound_queue import InboundQueue
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
 from synapse_fastjoin.handlers.presence import PartialStatePresence
 from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
@@ -34,9 +35,9 @@ HOOKS_API_VERSION = 9
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
-# Synapse prunes a room's inbound queue once this many events wait
-# (EventFederationWorkerStore.prune_staged_events_in_room).
-_PRUNE_THRESHOLD = 100
+# How often dropped inbound events are looked for to fetch again (they are
+# also fetched when a room's queue drains, and after a resync).
+_INBOUND_REFILL_INTERVAL_MS = 5000
 
 # How long after a join or a resync's start or end the metrics' database
 # gauges are re-read (they are also re-read every 15 s).
@@ -65,8 +66,13 @@ class FastJoinModule:
             api.run_db_interaction, may_migrate=self._is_main_process
         )
 
-        # Rooms whose inbound queue is kept whole (see _may_prune_staged_events).
-        self._queue_protected: set[str] = set()
+        # Partial-state rooms' inbound queues: kept whole and bounded.
+        self.inbound_queue = InboundQueue(
+            api._hs,
+            self.store,
+            config.resync.inbound_queue_limit,
+            api.run_as_background_process,
+        )
 
         # Synapse runs resyncs on the main process only; so does the engine.
         self.engine: ResyncEngine | None = None
@@ -106,7 +112,7 @@ class FastJoinModule:
             ),
             resync_room=self._resync_room if self.engine else None,
             may_prune_staged_events=(
-                self._may_prune_staged_events if config.resync.keep_inbound_queue else None
+                self.inbound_queue.may_prune if config.resync.keep_inbound_queue else None
             ),
             await_full_state=(
                 self.waits.await_full_state
@@ -120,16 +126,25 @@ class FastJoinModule:
             presence_users_in_partial_rooms=self.presence.users_in_partial_rooms,
             auth_events_while_partial=self.provisional_rejections.auth_events_while_partial,
             user_directory_deltas=self.user_directory.handle_deltas,
+            on_inbound_event_staged=(
+                self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
+            ),
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.
         self.metrics: FastJoinMetrics | None = None
         if self._is_main_process:
-            self.metrics = FastJoinMetrics(api, self.engine)
+            self.metrics = FastJoinMetrics(api, self.engine, self.inbound_queue.stats)
             self.metrics.start()
 
         if self._is_main_process:
             api.run_as_background_process("fastjoin_startup", self._startup)
+            if config.resync.keep_inbound_queue:
+                api.looping_background_call(
+                    self.inbound_queue.refill_all,
+                    _INBOUND_REFILL_INTERVAL_MS,
+                    desc="fastjoin_inbound_refill",
+                )
             if config.history_retention_days:
                 api.looping_background_call(
                     self._prune_history,
@@ -153,6 +168,12 @@ class FastJoinModule:
         if forgotten:
             logger.info("Forgot %d rooms that are no longer partial-state", forgotten)
         await self._prune_history()
+        if self._config.resync.keep_inbound_queue:
+            try:
+                await self.inbound_queue.startup()
+            except Exception:
+                # The periodic refill and Synapse's own handling take over.
+                logger.exception("Resuming the inbound queues after the restart failed")
         if self.metrics is not None:
             await self.metrics.database_ready()
 
@@ -163,6 +184,8 @@ class FastJoinModule:
         pruned = await self.store.prune_history(cutoff)
         if pruned:
             logger.info("Pruned %d finished resyncs from the history", pruned)
+        # Dropped inbound events fetched again (or given up on) long ago.
+        await self.store.prune_dropped_done(cutoff)
 
     async def _resync_room(
         self,
@@ -239,6 +262,9 @@ class FastJoinModule:
         if self.metrics is not None:
             await self.metrics.resync_finished(room_id, complete, error)
         await self.store.record_resync_finished(room_id, complete, error, _now_ms())
+        if complete and self._config.resync.keep_inbound_queue:
+            # What was dropped from the queue while partial, if its queue has room.
+            self.inbound_queue.schedule_refill(room_id)
         if complete:
             try:
                 await self.destinations.reconcile(room_id)
@@ -259,34 +285,18 @@ class FastJoinModule:
                 metrics.refresh,
             )
 
-    async def _may_prune_staged_events(self, room_id: str) -> bool:
-        """Synapse drops all but the newest of a room's queued inbound events
-        once 100 wait. While the room is partial-state each event is slow to
-        process and the queue grows; pruning then (or right after the resync,
-        when the backlog is still there) loses most live traffic for good. So
-        keep the queue whole while the room is partial and until the backlog
-        it built up has drained below Synapse's threshold once."""
-        store = self._api._store
-        if await store.is_partial_state_room(room_id):
-            self._queue_protected.add(room_id)
-            return False
-        if room_id not in self._queue_protected:
-            return True
-        backlog = await store.db_pool.simple_select_one_onecol(
-            table="federation_inbound_events_staging",
-            keyvalues={"room_id": room_id},
-            retcol="COUNT(*)",
-            desc="fastjoin_staged_backlog",
-        )
-        if backlog < _PRUNE_THRESHOLD:
-            self._queue_protected.discard(room_id)
-            return True
-        return False
-
     def _register_admin_servlets(self, hs: HomeServer, http_server: HttpServer) -> None:
         admin_servlets.register_servlets(
-            hs, http_server, self.store, self._live_progress, self.control
+            hs,
+            http_server,
+            self.store,
+            self._live_progress,
+            self.control,
+            self._inbound_queue_info if self._config.resync.keep_inbound_queue else None,
         )
+
+    async def _inbound_queue_info(self, room_id: str) -> dict[str, Any]:
+        return await self.inbound_queue.room_json(room_id)
 
     def _live_progress(self, room_id: str) -> dict[str, Any] | None:
         if self.engine is None:

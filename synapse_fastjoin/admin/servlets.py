@@ -5,7 +5,7 @@ to it), so authentication and errors are Synapse's: 401 without a valid token,
 403 for a user who is not a server admin.
 """
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from synapse.api.errors import Codes, NotFoundError, SynapseError
 from synapse.http.server import HttpServer
@@ -35,8 +35,17 @@ if TYPE_CHECKING:
 LiveProgress = Callable[[str], "dict[str, Any] | None"]
 """The engine's in-memory progress of a room being resynced right now."""
 
+InboundQueueInfo = Callable[[str], Awaitable["dict[str, Any] | None"]]
+"""A room's inbound queue (handlers/inbound_queue.py), or None without it."""
 
-def _room_json(row: dict[str, Any], live: LiveProgress) -> JsonDict:
+
+async def _no_queue_info(room_id: str) -> None:
+    return None
+
+
+def _room_json(
+    row: dict[str, Any], live: LiveProgress, queue: "dict[str, Any] | None" = None
+) -> JsonDict:
     running = live(row["room_id"])
     return {
         "room_id": row["room_id"],
@@ -56,6 +65,9 @@ def _room_json(row: dict[str, Any], live: LiveProgress) -> JsonDict:
             "running": running is not None,
             "progress": running if running is not None else row["progress"],
         },
+        # Inbound events queued for the room, and those dropped past the
+        # queue's bound and fetched again (null: the queue is not kept).
+        "inbound_queue": queue,
     }
 
 
@@ -74,11 +86,18 @@ def _history_json(row: dict[str, Any]) -> JsonDict:
 
 
 class _AdminServlet(RestServlet):
-    def __init__(self, hs: "HomeServer", store: "FastJoinStore", live: LiveProgress):
+    def __init__(
+        self,
+        hs: "HomeServer",
+        store: "FastJoinStore",
+        live: LiveProgress,
+        queue_info: InboundQueueInfo = _no_queue_info,
+    ):
         super().__init__()
         self._auth = hs.get_auth()
         self._store = store
         self._live = live
+        self._queue_info = queue_info
 
 
 class PartialStateRoomsServlet(_AdminServlet):
@@ -88,7 +107,10 @@ class PartialStateRoomsServlet(_AdminServlet):
 
     async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
         await assert_requester_is_admin(self._auth, request)
-        rooms = [_room_json(r, self._live) for r in await self._store.get_partial_state_rooms()]
+        rooms = [
+            _room_json(r, self._live, await self._queue_info(r["room_id"]))
+            for r in await self._store.get_partial_state_rooms()
+        ]
         return 200, {"rooms": rooms, "total": len(rooms)}
 
 
@@ -105,7 +127,7 @@ class PartialStateRoomServlet(_AdminServlet):
         rows = await self._store.get_partial_state_rooms(room_id)
         if not rows:
             raise NotFoundError(f"{room_id} is not a partial-state room")
-        return 200, _room_json(rows[0], self._live)
+        return 200, _room_json(rows[0], self._live, await self._queue_info(room_id))
 
 
 class ResyncHistoryServlet(_AdminServlet):
@@ -175,10 +197,12 @@ def register_servlets(
     store: "FastJoinStore",
     live: LiveProgress = lambda room_id: None,
     control: "RoomControl | None" = None,
+    queue_info: InboundQueueInfo | None = None,
 ) -> None:
     """Add the module's admin servlets to Synapse's admin resource."""
-    PartialStateRoomsServlet(hs, store, live).register(http_server)
-    PartialStateRoomServlet(hs, store, live).register(http_server)
+    queue_info = queue_info or _no_queue_info
+    PartialStateRoomsServlet(hs, store, live, queue_info).register(http_server)
+    PartialStateRoomServlet(hs, store, live, queue_info).register(http_server)
     ResyncHistoryServlet(hs, store, live).register(http_server)
     if control is not None:
         RetryResyncServlet(hs, control).register(http_server)

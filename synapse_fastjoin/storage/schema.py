@@ -71,6 +71,33 @@ SCHEMA_STEPS: list[list[str]] = [
         )
         """,
     ],
+    # 4 (bounded inbound staging): the inbound events dropped from a room's
+    # queue in `federation_inbound_events_staging` when it passed
+    # `resync.inbound_queue_limit`, kept by id only until they are fetched
+    # again (storage/inbound.py).
+    [
+        """
+        CREATE TABLE fastjoin_inbound_dropped (
+            room_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            -- when Synapse first staged it (its place in the queue's order)
+            received_ts BIGINT NOT NULL,
+            dropped_ts BIGINT NOT NULL,
+            -- 'pending': to fetch again; 'restaged': fetched and queued again;
+            -- 'arrived': stored meanwhile (get_missing_events, backfill);
+            -- 'failed': no server served it after every attempt
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ts BIGINT NOT NULL DEFAULT 0,
+            done_ts BIGINT,
+            last_error TEXT,
+            PRIMARY KEY (room_id, event_id)
+        )
+        """,
+        "CREATE INDEX fastjoin_inbound_dropped_state"
+        " ON fastjoin_inbound_dropped (room_id, state, received_ts)",
+    ],
 ]
 
 SCHEMA_VERSION = len(SCHEMA_STEPS)

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
 
-from synapse_fastjoin.storage import servers
+from synapse_fastjoin.storage import inbound, servers
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
 
 logger = logging.getLogger(__name__)
@@ -389,6 +389,79 @@ class FastJoinStore:
 
         return await self._interaction("fastjoin_forget_rooms_not_partial", txn_fn)
 
+
+    # Bounded inbound staging (storage/inbound.py).
+
+    async def bound_inbound_queue(
+        self, room_id: str, limit: int, now_ms: int, quick: bool = False
+    ) -> tuple[int, int, int]:
+        return await self._interaction(
+            "fastjoin_bound_inbound_queue",
+            inbound.bound_queue_txn,
+            room_id,
+            limit,
+            now_ms,
+            quick,
+        )
+
+    async def count_staged(self, room_id: str) -> int:
+        return await self._interaction(
+            "fastjoin_count_staged", inbound.count_staged_txn, room_id
+        )
+
+    async def get_dropped_pending(
+        self, room_id: str, limit: int, now_ms: int
+    ) -> list[tuple[str, str, int]]:
+        return await self._interaction(
+            "fastjoin_get_dropped_pending", inbound.get_pending_txn, room_id, limit, now_ms
+        )
+
+    async def begin_dropped_attempts(
+        self, room_id: str, attempts: list[tuple[str, int]]
+    ) -> None:
+        await self._interaction(
+            "fastjoin_begin_dropped_attempts", inbound.begin_attempts_txn, room_id, attempts
+        )
+
+    async def mark_dropped_restaged(
+        self, room_id: str, event_ids: list[str], now_ms: int
+    ) -> tuple[int, int]:
+        return await self._interaction(
+            "fastjoin_mark_dropped_restaged", inbound.mark_restaged_txn, room_id, event_ids, now_ms
+        )
+
+    async def mark_dropped_arrived(self, room_id: str, event_ids: list[str], now_ms: int) -> None:
+        await self._interaction(
+            "fastjoin_mark_dropped_arrived", inbound.mark_arrived_txn, room_id, event_ids, now_ms
+        )
+
+    async def mark_dropped_failed(
+        self, room_id: str, event_id: str, error: str, give_up: bool, now_ms: int
+    ) -> None:
+        await self._interaction(
+            "fastjoin_mark_dropped_failed",
+            inbound.mark_failed_txn,
+            room_id,
+            event_id,
+            error,
+            give_up,
+            now_ms,
+        )
+
+    async def rooms_with_dropped_pending(self) -> list[str]:
+        return await self._interaction(
+            "fastjoin_rooms_with_dropped_pending", inbound.rooms_with_pending_txn
+        )
+
+    async def inbound_queue_stats(self, room_id: str) -> dict[str, int]:
+        return await self._interaction(
+            "fastjoin_inbound_queue_stats", inbound.queue_stats_txn, room_id
+        )
+
+    async def prune_dropped_done(self, before_ts: int) -> int:
+        return await self._interaction(
+            "fastjoin_prune_dropped_done", inbound.prune_done_txn, before_ts
+        )
 
     # What the fetch policy knows of each server of a room.
 

@@ -30,6 +30,7 @@ def test_unpatched_synapse_refuses_to_start_and_names_the_command(synapse_factor
         ({"no_such_option": 1}, "no_such_option"),
         ({"history_retention_days": "ninety"}, "history_retention_days"),
         ({"admin_api": "yes"}, "admin_api"),
+        ({"resync": {"inbound_queue_limit": 50}}, "resync.inbound_queue_limit"),
     ],
 )
 def test_bad_module_config_stops_startup_naming_the_key(synapse_factory, config, named):

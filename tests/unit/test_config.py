@@ -75,6 +75,11 @@ def test_resync_block_defaults_and_overrides():
         ({"resync": {"engine": "on"}}, "resync.engine"),
         ({"resync": {"backoff_initial_seconds": 60, "backoff_max_seconds": 10}}, "resync.backoff_max_seconds"),
         ({"resync": ["engine"]}, "mapping"),
+        ({"resync": {"inbound_queue_limit": 99}}, "resync.inbound_queue_limit"),
+        ({"resync": {"inbound_queue_limit": -1}}, "resync.inbound_queue_limit"),
+        ({"resync": {"inbound_queue_limit": "10k"}}, "resync.inbound_queue_limit"),
+        ({"resync": {"inbound_queue_limit": 1000.5}}, "resync.inbound_queue_limit"),
+        ({"resync": {"inbound_queue_limit": True}}, "resync.inbound_queue_limit"),
     ],
 )
 def test_bad_resync_settings_are_named(raw, named):
@@ -82,3 +87,9 @@ def test_bad_resync_settings_are_named(raw, named):
         parse_config(raw)
     assert named in str(e.value)
     assert e.value.path[:4] == ("modules", "synapse_fastjoin.FastJoinModule", "config", "resync")
+
+
+def test_inbound_queue_limit_default_bound_and_no_bound():
+    assert parse_config({}).resync.inbound_queue_limit == 10000
+    assert parse_config({"resync": {"inbound_queue_limit": 100}}).resync.inbound_queue_limit == 100
+    assert parse_config({"resync": {"inbound_queue_limit": 0}}).resync.inbound_queue_limit == 0

@@ -1,4 +1,4 @@
-"""The user directory's batches (`handlers/user_directory.py`, patch 0027) write
+"""The user directory's batches (`handlers/user_directory.py`, patch 0021) write
 exactly the rows Synapse's per-delta code writes.
 
 Two real in-process HomeServers store the same rooms (a public one and a
