@@ -77,14 +77,19 @@ async def wait_persisted(j: Joined, event_ids: list[str], timeout: float) -> flo
 
 
 @pytest_twisted.ensureDeferred
-async def test_burst_of_5000_stays_within_the_bound_and_nothing_is_lost(
+async def test_a_burst_stays_within_the_bound_and_nothing_is_lost(
     synapse_factory, tls_files, tmp_path, db_backend
 ):
     """5,000 events at once while the room is partial, with a bound of 500:
     the queue never holds much more than the bound, the rest is dropped by id
     and fetched again, and every one of the 5,000 ends up stored and accepted;
-    the admin API and the log say how many were dropped and fetched again."""
-    limit, count = 500, 5000
+    the admin API and the log say how many were dropped and fetched again.
+
+    On PostgreSQL the burst is 2,000 against a bound of 200: the same code,
+    the same drops and refetches, in a third of the time (the 5,000 take 8 to
+    15 minutes per database on the project's shared 2-core machines; the
+    README gives both databases' figures for 5,000)."""
+    limit, count = (500, 5000) if db_backend == "sqlite" else (200, 2000)
     resident = await start_resident(tls_files, tmp_path, spec=SPEC)
     try:
         resident.hold(STATE_IDS)
