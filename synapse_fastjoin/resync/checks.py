@@ -223,15 +223,31 @@ def check_chunk(
         except Exception as e:
             result._malformed(f"{type(e).__name__}: {e}")
             continue
-        if event_id not in promised or event_id in seen or event.room_id != room_id:
-            result.unwanted += 1
-            continue
-        seen.add(event_id)
-        if event_id not in missing:
-            result.already_stored += 1
+        if not _admit(result, seen, event_id, event.room_id, room_id, promised, missing):
             continue
         _take(result, event, *_verdict(pdu, event, room_version, keys))
     return result
+
+
+def _admit(
+    result: CheckResult,
+    seen: set[str],
+    event_id: str,
+    event_room_id: str | None,
+    room_id: str,
+    promised: AbstractSet[str],
+    missing: AbstractSet[str],
+) -> bool:
+    """Whether an event is one to check: promised, of this room, the first of
+    its id, and not stored yet (else counted in `result`)."""
+    if event_id not in promised or event_id in seen or event_room_id != room_id:
+        result.unwanted += 1
+        return False
+    seen.add(event_id)
+    if event_id not in missing:
+        result.already_stored += 1
+        return False
+    return True
 
 
 # What `_verdict` says of one event.
@@ -345,12 +361,7 @@ def collect_worker_verdicts(
         if verdict == _MALFORMED or event_id is None:
             result._malformed(reason or "malformed")
             continue
-        if event_id not in promised or event_id in seen or event_room_id != room_id:
-            result.unwanted += 1
-            continue
-        seen.add(event_id)
-        if event_id not in missing:
-            result.already_stored += 1
+        if not _admit(result, seen, event_id, event_room_id, room_id, promised, missing):
             continue
         if event_json is None:
             # Refused by the signature check: nothing to build.

@@ -14,19 +14,13 @@ from synapse.events import EventBase, make_event_from_dict
 
 from synapse_fastjoin.resync.engine import _RoomResync
 from synapse_fastjoin.resync.progress import ResyncProgress
+from tests.harness.sync_run import run
 
 V10 = RoomVersions.V10
 ROOM = "!room:resident.test"
 ELSIE = "@elsie:resident.test"
 CHARLIE = "@charlie:resident.test"
 
-
-def run(coro: Any) -> Any:
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise AssertionError("the coroutine waited on something")
 
 
 def _event(depth: int, prev: list[str], member: str | None = None, rejected=None) -> EventBase:

@@ -4,6 +4,7 @@
 from typing import Any
 
 from synapse_fastjoin.handlers.device_lists import RemoteDeviceListCheck
+from tests.harness.sync_run import run
 
 ROOM = "!room:resident.test"
 ME = "hs1.test"
@@ -12,13 +13,6 @@ DEREK = "@derek:resident.test"
 FRED = "@fred:resident.test"
 ALICE = f"@alice:{ME}"
 
-
-def run(coro: Any) -> Any:
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise AssertionError("the coroutine waited on something")
 
 
 class FakeStore:

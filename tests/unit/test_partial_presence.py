@@ -5,20 +5,13 @@ import sqlite3
 from typing import Any
 
 from synapse_fastjoin.handlers.presence import PartialStatePresence
+from tests.harness.sync_run import run
 
 ME = "hs1.test"
 ALICE = f"@alice:{ME}"
 PARTIAL = "!partial:resident.test"
 FULL = "!full:hs1.test"
 
-
-def run(coro: Any) -> Any:
-    """Drive a coroutine whose awaits all complete at once (the fakes below)."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise AssertionError("the coroutine waited on something")
 
 
 class FakeDbPool:

@@ -2,7 +2,6 @@
 (handlers/provisional_rejections.py, asked by patch 0019), on real events
 and Synapse's own auth rules."""
 
-from typing import Any
 
 import pytest
 
@@ -12,6 +11,7 @@ from synapse.event_auth import check_state_independent_auth_rules
 from synapse.events import EventBase, make_event_from_dict
 
 from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
+from tests.harness.sync_run import run
 
 V10 = RoomVersions.V10
 ROOM = "!room:resident.test"
@@ -19,13 +19,6 @@ CHARLIE = "@charlie:resident.test"
 DEREK = "@derek:resident.test"
 ELSIE = "@elsie:resident.test"
 
-
-def run(coro: Any) -> Any:
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise AssertionError("the coroutine waited on something")
 
 
 _depth = [0]
