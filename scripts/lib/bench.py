@@ -236,6 +236,17 @@ class Profiler:
         self.proc = None
 
 
+def wait_for_background_updates(server: SynapseServer, timeout: float = 600.0) -> float:
+    """Wait until the server's database has no background update left;
+    returns how long that took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if server.database.query("SELECT COUNT(*) FROM background_updates")[0][0] == 0:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise RuntimeError(f"background updates still running after {timeout:.0f} s")
+
+
 def current_state(server: SynapseServer, room_id: str) -> list[list[str]]:
     rows = server.database.query(
         "SELECT type, state_key, event_id FROM current_state_events WHERE room_id = "
@@ -294,6 +305,11 @@ def run_one(
         )
         joiner.start()
         _, token = joiner.register_user("bench")
+        # A new server runs its schema's background updates (index builds)
+        # in its first minute or two; a server that has been up for a while
+        # has none. Joining before they end would time them, in either
+        # variant, at a random point of the join.
+        result["background_updates_wait_s"] = wait_for_background_updates(joiner)
         base = joiner.client_url + "/_matrix/client/v3"
         room = urllib.parse.quote(fake.room_id, safe="")
         remote_member = urllib.parse.quote(spec.member(spec.members - 1), safe="")

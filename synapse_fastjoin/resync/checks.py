@@ -46,8 +46,10 @@ import attr
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 
 from synapse.api.constants import CANONICALJSON_MAX_INT, CANONICALJSON_MIN_INT, EventTypes, Membership
+from synapse.api.errors import AuthError, EventSizeError
 from synapse.api.room_versions import EventFormatVersions, RoomVersion
 from synapse.crypto.event_signing import check_event_content_hash
+from synapse.event_auth import validate_event_for_room_version
 from synapse.events import EventBase, make_event_from_json
 from synapse.events.utils import prune_event
 from synapse.federation.federation_base import event_from_pdu_json
@@ -108,6 +110,13 @@ class CheckResult:
     hash_redacted: set[str] = attr.Factory(set)
     """Ids of the events of `accepted` redacted for a content hash mismatch:
     Synapse asks neither the policy server nor the spam checker about those."""
+
+    validated: dict[str, "Validation"] = attr.Factory(dict)
+    """For events of `accepted` checked in a check process: the outcome of
+    Synapse's `validate_event_for_room_version` on the event as accepted (the
+    first step of its auth checks, a pure function of the event), computed
+    there so the parent need not encode every event once more to measure
+    it (`raise_validation`)."""
 
     policy_refused: int = 0
     """Set by `run_spam_checks`: events the room's policy server did not
@@ -288,12 +297,39 @@ def _take(result: CheckResult, event: EventBase, verdict: str, reason: str | Non
 # back each verdict with the event's canonical JSON, from which the parent
 # builds the very event `event_from_pdu_json` would have built.
 
+Validation = tuple[str, bool, str] | None
+"""None (valid), or ("size", unpersistable, message) for an EventSizeError,
+or ("auth", False, message) for an AuthError."""
+
+
+def validation_of(event: EventBase) -> Validation:
+    """What Synapse's `validate_event_for_room_version` says of `event`."""
+    try:
+        validate_event_for_room_version(event)
+    except EventSizeError as e:
+        return ("size", e.unpersistable, e.msg)
+    except AuthError as e:
+        return ("auth", False, e.msg)
+    return None
+
+
+def raise_validation(outcome: Validation) -> None:
+    """Raise what `validate_event_for_room_version` raised for `outcome`."""
+    if outcome is None:
+        return
+    kind, unpersistable, message = outcome
+    if kind == "size":
+        raise EventSizeError(message, unpersistable=unpersistable)
+    raise AuthError(403, message)
+
+
 RawKeys = Mapping[tuple[str, str], tuple[bytes, int]]
 """(server, key id) -> (ed25519 verify key bytes, valid until ts): keys in a
 form that crosses a process boundary."""
 
-WorkerVerdict = tuple[str, "str | None", "str | None", "str | None", "str | None"]
-"""(verdict, event id, room id, reason, canonical JSON of the event)."""
+WorkerVerdict = tuple[str, "str | None", "str | None", "str | None", "str | None", Validation]
+"""(verdict, event id, room id, reason, canonical JSON of the event, the
+event's `Validation` as it will be stored: redacted for a hash mismatch)."""
 
 
 def raw_keys(keys: KeyMap) -> dict[tuple[str, str], tuple[bytes, int]]:
@@ -332,17 +368,17 @@ def check_pdus_in_worker(
             event_id = event.event_id
             room_id = event.room_id
         except Exception as e:
-            out.append((_MALFORMED, None, None, f"{type(e).__name__}: {e}", None))
+            out.append((_MALFORMED, None, None, f"{type(e).__name__}: {e}", None, None))
             continue
         verdict, reason = _verdict(pdu, event, room_version, key_map)
-        event_json = (
+        event_json = None
+        validation: Validation = None
+        if verdict in (_OK, _HASH_MISMATCH):
             # What `make_event_from_dict` builds the event from (the PDU as
             # `event_from_pdu_json` left it).
-            encode_canonical_json(pdu).decode("utf-8")
-            if verdict in (_OK, _HASH_MISMATCH)
-            else None
-        )
-        out.append((verdict, event_id, room_id, reason, event_json))
+            event_json = encode_canonical_json(pdu).decode("utf-8")
+            validation = validation_of(event if verdict == _OK else prune_event(event))
+        out.append((verdict, event_id, room_id, reason, event_json, validation))
     return out
 
 
@@ -357,7 +393,7 @@ def collect_worker_verdicts(
     process's verdicts. Runs in a worker thread of the parent."""
     result = CheckResult()
     seen: set[str] = set()
-    for verdict, event_id, event_room_id, reason, event_json in verdicts:
+    for verdict, event_id, event_room_id, reason, event_json, validation in verdicts:
         if verdict == _MALFORMED or event_id is None:
             result._malformed(reason or "malformed")
             continue
@@ -373,6 +409,7 @@ def collect_worker_verdicts(
             # The parent must never store something the worker did not check.
             raise AssertionError(f"check process and parent disagree on {event_id}")
         _take(result, event, verdict, reason)
+        result.validated[event_id] = validation
     return result
 
 
@@ -458,6 +495,8 @@ async def run_spam_checks(hs: "HomeServer", result: CheckResult) -> None:
         if verdict != spam_checker.NOT_SPAM:
             logger.warning("Event contains spam, soft-failing %s", event.event_id)
             redacted = prune_event(event)
+            # Validated as it was, not as it is now: the auth checks redo it.
+            result.validated.pop(event.event_id, None)
             redacted.internal_metadata.soft_failed = True
             redacted.internal_metadata.spam_checker_spammy = True
             result.accepted[i] = redacted

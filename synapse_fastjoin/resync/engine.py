@@ -72,6 +72,11 @@ logger = logging.getLogger(__name__)
 # Events brought to full state per write during catch-up.
 _RUN_LENGTH = 100
 
+# A room with at least this many servers starts the check processes as its
+# resync starts (see `_RoomResync.run`); smaller ones once /state_ids shows
+# `check_process_min_events` events to fetch.
+_BIG_ROOM_SERVERS = 200
+
 
 class RoomLeft(Exception):
     """No local user is in the room any more: there is nothing to resync for."""
@@ -352,6 +357,11 @@ class _RoomResync:
             len(self._destinations),
             self._destinations.describe(),
         )
+        if len(self._destinations) >= _BIG_ROOM_SERVERS:
+            # A room on this many servers is a big one: the check processes
+            # start importing Synapse now, while /state_ids is asked for, not
+            # once its answer shows how big (saves their start-up time).
+            self._checkpool.warm_up()
         while True:
             try:
                 if self._aborted:

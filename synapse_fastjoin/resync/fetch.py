@@ -55,8 +55,10 @@ from synapse.util.iterutils import batch_iter, sorted_topologically
 from synapse_fastjoin.resync import requests
 from synapse_fastjoin.resync.checkpool import CheckPool, CheckProcessFailed
 from synapse_fastjoin.resync.checks import (
+    Validation,
     check_chunk,
     collect_worker_verdicts,
+    raise_validation,
     raw_keys,
     run_spam_checks,
 )
@@ -69,6 +71,7 @@ from synapse_fastjoin.resync.progress import (
     ResyncProgress,
 )
 from synapse_fastjoin.resync.stream import StateBodyReader
+from synapse_fastjoin.resync.writes import OrderedWrites
 from synapse_fastjoin.storage.bulk import persist_outliers
 from synapse_fastjoin.storage.events import stored_event_ids_txn
 
@@ -118,6 +121,13 @@ class StateFetcher:
         self._local_ids: set[str] = set()
         self._absent_ids: set[str] = set()
         self._auth_cache: collections.OrderedDict[str, EventBase] = collections.OrderedDict()
+        # Auth-checked events queued to be written (see resync/writes.py):
+        # counted as stored by the auth checks of the next batches.
+        self._writes = OrderedWrites()
+        self._in_flight: dict[str, EventBase] = {}
+        # `validate_event_for_room_version`'s outcome for events a check
+        # process already ran it on.
+        self._validated: dict[str, Validation] = {}
         self._rejected_ids: set[str] = set()
 
     # The state after one event.
@@ -196,6 +206,8 @@ class StateFetcher:
         self._parked = {}
         self._local_ids = set()
         self._auth_cache.clear()
+        self._in_flight.clear()
+        self._validated.clear()
         return state_map
 
     async def _fetch_missing(self, at_event_id: str) -> set[str]:
@@ -407,7 +419,10 @@ class StateFetcher:
             if reader.unwanted > max(1000, len(self._promised) // 10):
                 reader.reject(f"{reader.unwanted} events that /state_ids did not list")
         async with self._persist_lock.queue(self._room_id):
-            await self._auth_and_persist(result)
+            writes = await self._auth_and_persist(result)
+        # The next chunk is auth-checked while this one's batches are written.
+        if writes is not None:
+            await make_deferred_yieldable(writes)
 
     async def _check(self, chunk: list[dict[str, Any]]) -> Any:
         await self._keys.ensure(chunk)
@@ -550,17 +565,31 @@ class StateFetcher:
 
     # Auth and persistence.
 
-    async def _auth_and_persist(self, result: Any) -> None:
+    async def _auth_and_persist(self, result: Any) -> "defer.Deferred[None] | None":
         for event in result.accepted:
             if event.event_id in self._missing:
                 self._parked[event.event_id] = event
-        await self._drain_parked(final=False)
+                # (Always for this very event object: in room versions 1
+                # and 2 another event may come with the same id.)
+                if event.event_id in result.validated:
+                    self._validated[event.event_id] = result.validated[event.event_id]
+                else:
+                    self._validated.pop(event.event_id, None)
+        return await self._drain_parked(final=False, wait=False)
 
-    async def _drain_parked(self, final: bool) -> None:
+    async def _drain_parked(self, final: bool, wait: bool = True) -> "defer.Deferred[None] | None":
         """Auth-check and persist every parked event whose auth events are all
-        stored or parked and ready; keep the rest parked (up to park_limit)."""
+        stored (or queued to be) or parked and ready; keep the rest parked (up
+        to park_limit).
+
+        With `wait`, returns once the batches are written; else returns a
+        Deferred that fires then (the writes go on in order meanwhile)."""
+        # Before anything counts on events queued to be written.
+        token = self._writes.token()
         if not self._parked:
-            return
+            if wait:
+                await self._writes.wait_all()
+            return None
         candidates = self._parked
         unknown = {
             a
@@ -596,6 +625,7 @@ class StateFetcher:
             excess = list(waiting)[self._config.park_limit :]
             for event_id in excess:
                 del waiting[event_id]
+                self._validated.pop(event_id, None)
             self._progress.park_dropped += len(excess)
             logger.info(
                 "Resync of %s: %d events wait for auth events not received yet; "
@@ -610,19 +640,42 @@ class StateFetcher:
                 len(waiting),
             )
             self._parked = {}
+        writes = []
         for batch in batch_iter(ready, self._config.persist_batch_size):
-            await self._persist_batch(list(batch))
+            d = await self._persist_batch(list(batch), token)
+            if d is not None:
+                writes.append(d)
+        if wait:
+            await self._writes.wait_all()
+            if writes:
+                # (Each write's error, if any, is raised here.)
+                await make_deferred_yieldable(defer.gatherResults(writes, consumeErrors=True))
+            return None
+        if not writes:
+            return None
+        return defer.gatherResults(writes, consumeErrors=True)
 
     def _is_stored(self, event_id: str) -> bool:
-        if event_id in self._local_ids:
+        """Stored, or auth-checked and queued to be written."""
+        if event_id in self._local_ids or event_id in self._in_flight:
             return True
         return event_id in self._promised and event_id not in self._missing
 
-    async def _persist_batch(self, batch: list[EventBase]) -> None:
+    async def _persist_batch(self, batch: list[EventBase], token: int) -> "defer.Deferred[None] | None":
+        """Auth-check a batch, then queue it to be written after the batches
+        queued before it. Returns the write's Deferred (None if nothing is
+        left to write)."""
+
         async def load(ids: set[str]) -> dict[str, EventBase]:
-            return await self._store.get_events(
-                ids, allow_rejected=True, redact_behaviour=EventRedactBehaviour.as_is
-            )
+            found = {i: self._in_flight[i] for i in ids if i in self._in_flight}
+            rest = ids - found.keys()
+            if rest:
+                found.update(
+                    await self._store.get_events(
+                        rest, allow_rejected=True, redact_behaviour=EventRedactBehaviour.as_is
+                    )
+                )
+            return found
 
         auth_map = await auth_events_for_batch(batch, self._auth_cache, load, _AUTH_CACHE_SIZE)
 
@@ -637,11 +690,16 @@ class StateFetcher:
                     event.event_id,
                 )
                 auth_map.pop(event.event_id, None)
+                self._validated.pop(event.event_id, None)
                 continue
             event.internal_metadata.outlier = True
             context = EventContext.for_outlier(storage)
             try:
-                validate_event_for_room_version(event)
+                if event.event_id in self._validated:
+                    # Computed by the check process on this very event.
+                    raise_validation(self._validated.pop(event.event_id))
+                else:
+                    validate_event_for_room_version(event)
                 await check_state_independent_auth_rules(
                     self._store, event, batched_auth_events=auth_map
                 )
@@ -665,7 +723,16 @@ class StateFetcher:
             to_persist.append((event, context))
             if (i + 1) % 200 == 0:
                 await self._clock.sleep(Duration(seconds=0))
-        if to_persist:
+        if not to_persist:
+            return None
+        # Auth events of the next batches from now on, written or not.
+        for event, _ in to_persist:
+            self._in_flight[event.event_id] = event
+            self._auth_cache[event.event_id] = event
+        while len(self._auth_cache) > _AUTH_CACHE_SIZE:
+            self._auth_cache.popitem(last=False)
+
+        async def write() -> None:
             if self._config.bulk_writer:
                 # The same rows as Synapse's outlier persistence, in one
                 # transaction per batch (storage/bulk.py; parity-tested).
@@ -674,12 +741,19 @@ class StateFetcher:
                 await self._federation_event_handler.persist_events_and_notify(
                     self._room_id, to_persist, backfilled=True
                 )
-        for event, _ in to_persist:
-            self._missing.discard(event.event_id)
-            self._auth_cache[event.event_id] = event
-        while len(self._auth_cache) > _AUTH_CACHE_SIZE:
-            self._auth_cache.popitem(last=False)
-        self._progress.persisted += len(to_persist)
+            for event, _ in to_persist:
+                self._missing.discard(event.event_id)
+                self._in_flight.pop(event.event_id, None)
+            self._progress.persisted += len(to_persist)
+
+        def clean_up() -> None:
+            # Not written: these stay missing (fetched again later), and no
+            # batch checked from now on may count on them.
+            for event, _ in to_persist:
+                self._in_flight.pop(event.event_id, None)
+                self._auth_cache.pop(event.event_id, None)
+
+        return self._writes.queue(token, write, clean_up)
 
     # Helpers.
 
