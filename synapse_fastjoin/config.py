@@ -34,6 +34,12 @@ class ResyncConfig:
     batch, the rows Synapse's own outlier persistence writes) instead of
     Synapse's `persist_events_and_notify`."""
 
+    current_state_chunk_size: int = 5000
+    """At the end of a resync, write the room's new current state this many
+    members per transaction (`storage/current_state.py`: the rows Synapse's
+    `update_current_state` writes, set-based); 0: Synapse's own
+    `update_current_state`, one transaction for the whole room."""
+
     check_threads: int = 2
     """Worker threads for signature and hash checks."""
 
@@ -186,6 +192,7 @@ _RESYNC_PARSERS = {
     "chunk_size": lambda key, v: _int(key, v, 10),
     "persist_batch_size": lambda key, v: _int(key, v, 1),
     "bulk_writer": lambda key, v: _bool(key, v),
+    "current_state_chunk_size": lambda key, v: _int(key, v, 0),
     "check_threads": lambda key, v: _int(key, v, 1),
     "check_processes": lambda key, v: _int(key, v, 0),
     "check_process_min_events": lambda key, v: _int(key, v, 1),

@@ -49,6 +49,7 @@ from synapse_fastjoin.handlers.device_lists import RemoteDeviceListCheck
 from synapse_fastjoin.resync.checkpool import CheckPool
 from synapse_fastjoin.resync.fetch import StateFetcher
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
+from synapse_fastjoin.storage.current_state import update_current_state
 from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
 from synapse_fastjoin.resync.progress import (
     PHASE_CATCHUP,
@@ -664,7 +665,10 @@ class _RoomResync:
         self._progress.set_phase(PHASE_FINISHING)
         joined_while_partial = await self._device_lists.remote_joined_users(room_id)
         logger.info("Resync of %s: updating current state", room_id)
-        await self._state_handler.update_current_state(room_id)
+        if self._config.current_state_chunk_size:
+            await update_current_state(self._hs, room_id, self._config.current_state_chunk_size)
+        else:
+            await self._state_handler.update_current_state(room_id)
         logger.info("Resync of %s: replaying pending device list updates", room_id)
         await self._hs.get_device_handler().handle_room_un_partial_stated(room_id)
         # Before the room counts as full (clients waiting on it go on at once):
