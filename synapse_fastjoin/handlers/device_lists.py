@@ -29,6 +29,8 @@ after fetching a list anew.
 import logging
 from typing import TYPE_CHECKING, Collection
 
+from synapse_fastjoin.storage.device_lists import joined_among_txn
+
 if TYPE_CHECKING:
     from synapse.server import HomeServer
 
@@ -62,7 +64,11 @@ class RemoteDeviceListCheck:
             membership_flipped: users whose membership event in the room had
                 its rejection status changed by the resync.
         """
-        joined_now = await self.remote_joined_users(room_id)
+        # Only the users joined while partial are looked up (not every member
+        # of the full state: a big room's member list is big).
+        joined_now = await self._store.db_pool.runInteraction(
+            "fastjoin_joined_among", joined_among_txn, room_id, set(joined_while_partial)
+        )
         suspects = (set(joined_while_partial) - joined_now) | {
             u for u in membership_flipped if not self._hs.is_mine_id(u)
         }

@@ -61,3 +61,21 @@ def hosts_with_device_change_txn(
         )
         already.update(r[0] for r in txn)
     return already
+
+
+def joined_among_txn(txn: LoggingTransaction, room_id: str, user_ids: Collection[str]) -> set[str]:
+    """Those of `user_ids` joined in the room's current state (by the primary
+    key of `current_state_events`: a lookup per user, whatever the room's
+    size)."""
+    joined: set[str] = set()
+    users = sorted(user_ids)
+    for i in range(0, len(users), BATCH):
+        batch = users[i : i + BATCH]
+        txn.execute(
+            "SELECT state_key FROM current_state_events"
+            " WHERE room_id = ? AND type = 'm.room.member' AND membership = 'join'"
+            f" AND state_key IN ({','.join('?' * len(batch))})",
+            (room_id, *batch),
+        )
+        joined.update(r[0] for r in txn)
+    return joined

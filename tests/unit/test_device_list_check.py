@@ -25,6 +25,19 @@ class FakeStore:
     async def get_users_in_room(self, room_id: str) -> list[str]:
         return sorted(self.users_in_room)
 
+    @property
+    def db_pool(self) -> Any:
+        store = self
+
+        class DbPool:
+            # What joined_among_txn answers (its SQL is checked against a
+            # real database in test_device_list_queries.py).
+            async def runInteraction(self, desc: str, func: Any, room_id: str, users: set[str]) -> set[str]:  # noqa: N802
+                assert desc == "fastjoin_joined_among"
+                return {u for u in users if u in store.users_in_room}
+
+        return DbPool()
+
     async def get_users_whose_devices_are_cached(self, user_ids) -> set[str]:
         return {u for u in user_ids if u in self.cached}
 

@@ -29,7 +29,7 @@ from synapse.storage.databases.main.devices import DeviceWorkerStore
 from synapse.storage.databases.main import room as room_store_module
 from synapse.storage.engines import PostgresEngine
 
-from synapse_fastjoin.storage.device_lists import hosts_with_device_change_txn
+from synapse_fastjoin.storage.device_lists import hosts_with_device_change_txn, joined_among_txn
 from tests.unit.test_storage import Database, database  # noqa: F401 (fixture)
 
 ROOM_OLD = "!stuck:remote.test"  # partial since stream position 1
@@ -289,3 +289,24 @@ def test_device_list_replay_statements_are_indexed_and_answer_as_before(
     if not isinstance(database.engine, PostgresEngine):
         lines = plan(database, EARLIER_QUEUED, (4000, "@local3:here.test", "L3"))
         assert full_scans(lines, ("device_lists_outbound_pokes",)), lines
+
+
+def test_joined_among_is_answered_by_index(database: Database) -> None:  # noqa: F811
+    """The end-of-resync device-list check looks up only the users that were
+    joined while partial, by `current_state_events`' (room_id, type,
+    state_key) index, not the room's whole member list."""
+    populate(database)
+    wanted = {member(i) for i in range(0, 30)} | {"@nobody:x.test", other_user(3)}
+    recording: list[Recording] = []
+
+    def txn_fn(txn: LoggingTransaction) -> set[str]:
+        recording.append(Recording(txn))
+        return joined_among_txn(recording[0], ROOM, wanted)  # type: ignore[arg-type]
+
+    joined = database.run_sync("joined_among", txn_fn)
+    # Every 7th member left; other rooms' users and strangers are not joined here.
+    assert joined == {member(i) for i in range(0, 30) if i % 7 != 0}
+    for sql, args in recording[0].statements:
+        lines = plan(database, sql, args)
+        assert not full_scans(lines, ("current_state_events",)), lines
+        assert uses_index(lines, "current_state_events"), lines
