@@ -77,7 +77,8 @@ PHASES = (
     PHASE_DONE,
 )
 
-# Counter name (without `_total`) -> (ResyncProgress field, help).
+# Counter name (without `_total`) -> (ResyncProgress field, help). Each is
+# the field's high-water mark per run (see `_counted`), summed over the runs.
 PROGRESS_COUNTERS: dict[str, tuple[str, str]] = {
     "synapse_fastjoin_resync_events_fetched": (
         "fetched",
@@ -120,7 +121,106 @@ PROGRESS_COUNTERS: dict[str, tuple[str, str]] = {
         "catchup_seconds",
         "Time spent bringing events that arrived while partial to full state",
     ),
+    "synapse_fastjoin_resync_retries": (
+        "retries",
+        "Retries of resyncs after a failure (the progress field `retries`)",
+    ),
 }
+
+
+def _counted(p: ResyncProgress, field: str) -> float:
+    """The value of a run's counter field that this process counts."""
+    if field == "retries":
+        # Those restored from a checkpoint were counted by the process before.
+        return float(max(0, p.retries - p.retries_before))
+    return float(getattr(p, field) or 0)
+
+
+# Counter name -> (InboundQueueStats field, help): bounded staging
+# (resync.inbound_queue_limit).
+INBOUND_COUNTERS: dict[str, tuple[str, str]] = {
+    "synapse_fastjoin_inbound_events_dropped_total": (
+        "dropped",
+        "Inbound events dropped from a kept queue past its bound, to fetch again",
+    ),
+    "synapse_fastjoin_inbound_events_refetched_total": (
+        "refetched",
+        "Dropped inbound events fetched again and queued",
+    ),
+    "synapse_fastjoin_inbound_events_arrived_total": (
+        "arrived",
+        "Dropped inbound events Synapse stored meanwhile (not fetched again)",
+    ),
+    "synapse_fastjoin_inbound_events_refetch_failed_total": (
+        "failed",
+        "Dropped inbound events no server served again (given up)",
+    ),
+}
+
+# Every family labelled by server_name alone: (name, help, where its value is
+# in a server's `samples()`). A server whose samples lack the value (the
+# database not read yet, a thread pool without Twisted's legacy accessors) has
+# no sample in the family rather than a wrong one.
+_Series = tuple[str, str, tuple[str, ...]]
+GAUGES: tuple[_Series, ...] = (
+    # Database-backed.
+    (
+        "synapse_fastjoin_partial_state_rooms",
+        "Rooms this server holds in partial state now",
+        ("db", "rooms"),
+    ),
+    (
+        "synapse_fastjoin_partial_state_events",
+        "Events of partial-state rooms whose state is not resolved yet",
+        ("db", "events"),
+    ),
+    (
+        "synapse_fastjoin_partial_state_oldest_join_age_seconds",
+        "How long ago the oldest partial-state room was joined (0: none)",
+        ("db", "oldest_join_age"),
+    ),
+    (
+        "synapse_fastjoin_inbound_events_queued",
+        "Inbound federation events queued for partial-state rooms",
+        ("db", "queued"),
+    ),
+    # Live.
+    (
+        "synapse_fastjoin_resync_next_retry_seconds",
+        "Longest wait until the next attempt among resyncs waiting to retry (0: none waits)",
+        ("next_retry_seconds",),
+    ),
+    (
+        "synapse_fastjoin_resync_catchup_remaining",
+        "Events that arrived while partial still to be caught up, over running resyncs",
+        ("catchup_remaining",),
+    ),
+    (
+        "synapse_fastjoin_check_pool_queued",
+        "Check tasks (chunks of events) waiting for a worker thread",
+        ("pool", "queued"),
+    ),
+    (
+        "synapse_fastjoin_check_pool_busy",
+        "Worker threads checking signatures and hashes now",
+        ("pool", "busy"),
+    ),
+)
+COUNTERS: tuple[_Series, ...] = (
+    *((name, doc, ("counters", field)) for name, (field, doc) in PROGRESS_COUNTERS.items()),
+    *((name, doc, ("inbound", field)) for name, (field, doc) in INBOUND_COUNTERS.items()),
+    (
+        "synapse_fastjoin_resyncs_started",
+        "Resync runs started in this process (after a join, or resumed on start-up)",
+        ("runs_started",),
+    ),
+    (
+        "synapse_fastjoin_resync_attempts",
+        "Resync attempts: runs started plus attempts after a failure",
+        ("attempts",),
+    ),
+)
+
 
 # Join to full state, and first resync start to end: 1 s to a day.
 DURATION_BUCKETS = (
@@ -167,12 +267,9 @@ class _RunValues:
     def update(self) -> None:
         p = self.progress
         for field, _ in PROGRESS_COUNTERS.values():
-            value = float(getattr(p, field) or 0)
+            value = _counted(p, field)
             if value > self.values.get(field, 0.0):
                 self.values[field] = value
-        retries = float(max(0, p.retries - p.retries_before))
-        if retries > self.values.get("retries", 0.0):
-            self.values["retries"] = retries
         for reason, n in tuple(p.failures.items()):
             if n > self.failures.get(reason, 0):
                 self.failures[reason] = n
@@ -426,7 +523,8 @@ class FastJoinMetrics:
         """Every exported value of this server (the collector's input; tests)."""
         with self._lock:
             live = self._sync_live_locked()
-            counters = dict(self._ended)
+            counters = {field: 0.0 for field, _ in PROGRESS_COUNTERS.values()}
+            counters.update(self._ended)
             failures = dict(self._ended_failures)
             for run in live.values():
                 for field, value in run.values.items():
@@ -468,10 +566,8 @@ class FastJoinMetrics:
             "pool": pool,
             "db": db,
             "inbound": {
-                "dropped": self._inbound.dropped if self._inbound else 0,
-                "refetched": self._inbound.refetched if self._inbound else 0,
-                "arrived": self._inbound.arrived if self._inbound else 0,
-                "failed": self._inbound.failed if self._inbound else 0,
+                field: getattr(self._inbound, field) if self._inbound else 0
+                for field, _ in INBOUND_COUNTERS.values()
             },
         }
 
@@ -516,117 +612,31 @@ class _Collector(Collector):
         return _families([(m.server_name, m.samples()) for m in list(self._servers.values())])
 
 
+def _lookup(samples: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = samples
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
 def _families(servers: list[tuple[str, dict[str, Any]]]) -> list[Metric]:
     """Metric families for the samples of each server."""
-    label = [SERVER_NAME_LABEL]
     out: list[Metric] = []
-
-    def counter(name: str, doc: str, value: Any) -> None:
-        family = CounterMetricFamily(name, doc, labels=label)
-        for server, s in servers:
-            family.add_metric([server], value(s))
-        out.append(family)
-
-    def gauge(name: str, doc: str, value: Any, db: bool = False) -> None:
-        family = GaugeMetricFamily(name, doc, labels=label)
-        for server, s in servers:
-            if db and s["db"] is None:
-                continue  # not read yet: no value rather than a wrong one
-            family.add_metric([server], value(s))
-        out.append(family)
-
-    # Database-backed gauges.
-    gauge(
-        "synapse_fastjoin_partial_state_rooms",
-        "Rooms this server holds in partial state now",
-        lambda s: s["db"]["rooms"],
-        db=True,
-    )
-    gauge(
-        "synapse_fastjoin_partial_state_events",
-        "Events of partial-state rooms whose state is not resolved yet",
-        lambda s: s["db"]["events"],
-        db=True,
-    )
-    gauge(
-        "synapse_fastjoin_partial_state_oldest_join_age_seconds",
-        "How long ago the oldest partial-state room was joined (0: none)",
-        lambda s: s["db"]["oldest_join_age"],
-        db=True,
-    )
-    gauge(
-        "synapse_fastjoin_inbound_events_queued",
-        "Inbound federation events queued for partial-state rooms",
-        lambda s: s["db"]["queued"],
-        db=True,
-    )
-    # Bounded staging (resync.inbound_queue_limit).
-    counter(
-        "synapse_fastjoin_inbound_events_dropped_total",
-        "Inbound events dropped from a kept queue past its bound, to fetch again",
-        lambda s: s["inbound"]["dropped"],
-    )
-    counter(
-        "synapse_fastjoin_inbound_events_refetched_total",
-        "Dropped inbound events fetched again and queued",
-        lambda s: s["inbound"]["refetched"],
-    )
-    counter(
-        "synapse_fastjoin_inbound_events_arrived_total",
-        "Dropped inbound events Synapse stored meanwhile (not fetched again)",
-        lambda s: s["inbound"]["arrived"],
-    )
-    counter(
-        "synapse_fastjoin_inbound_events_refetch_failed_total",
-        "Dropped inbound events no server served again (given up)",
-        lambda s: s["inbound"]["failed"],
-    )
-    # Live gauges.
+    for kind, table in ((GaugeMetricFamily, GAUGES), (CounterMetricFamily, COUNTERS)):
+        for name, doc, path in table:
+            family = kind(name, doc, labels=[SERVER_NAME_LABEL])
+            for server, s in servers:
+                value = _lookup(s, path)
+                if value is not None:
+                    family.add_metric([server], value)
+            out.append(family)
+    # The families with a second label.
     phases = GaugeMetricFamily(
         "synapse_fastjoin_resyncs_running",
         "Resyncs running in this process, by phase",
         labels=[SERVER_NAME_LABEL, "phase"],
-    )
-    for server, s in servers:
-        for phase, n in s["phases"].items():
-            phases.add_metric([server, phase], n)
-    out.append(phases)
-    gauge(
-        "synapse_fastjoin_resync_next_retry_seconds",
-        "Longest wait until the next attempt among resyncs waiting to retry (0: none waits)",
-        lambda s: s["next_retry_seconds"],
-    )
-    gauge(
-        "synapse_fastjoin_resync_catchup_remaining",
-        "Events that arrived while partial still to be caught up, over running resyncs",
-        lambda s: s["catchup_remaining"],
-    )
-    for key, doc in (
-        ("queued", "Check tasks (chunks of events) waiting for a worker thread"),
-        ("busy", "Worker threads checking signatures and hashes now"),
-    ):
-        family = GaugeMetricFamily(f"synapse_fastjoin_check_pool_{key}", doc, labels=label)
-        for server, s in servers:
-            if key in s["pool"]:
-                family.add_metric([server], s["pool"][key])
-        out.append(family)
-    # Counters.
-    for name, (field, doc) in PROGRESS_COUNTERS.items():
-        counter(name, doc, lambda s, f=field: s["counters"].get(f, 0.0))
-    counter(
-        "synapse_fastjoin_resyncs_started",
-        "Resync runs started in this process (after a join, or resumed on start-up)",
-        lambda s: s["runs_started"],
-    )
-    counter(
-        "synapse_fastjoin_resync_attempts",
-        "Resync attempts: runs started plus attempts after a failure",
-        lambda s: s["attempts"],
-    )
-    counter(
-        "synapse_fastjoin_resync_retries",
-        "Retries of resyncs after a failure (the progress field `retries`)",
-        lambda s: s["counters"].get("retries", 0.0),
     )
     failures = CounterMetricFamily(
         "synapse_fastjoin_resync_failures",
@@ -634,9 +644,11 @@ def _families(servers: list[tuple[str, dict[str, Any]]]) -> list[Metric]:
         labels=[SERVER_NAME_LABEL, "reason"],
     )
     for server, s in servers:
+        for phase, n in s["phases"].items():
+            phases.add_metric([server, phase], n)
         for reason, n in sorted(s["failures"].items()):
             failures.add_metric([server, reason], n)
-    out.append(failures)
+    out.extend((phases, failures))
     return out
 
 

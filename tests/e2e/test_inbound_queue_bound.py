@@ -13,6 +13,8 @@ them).
 
 import re
 import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import pytest_twisted
 
@@ -76,6 +78,39 @@ async def wait_persisted(j: Joined, event_ids: list[str], timeout: float) -> flo
     return time.monotonic() - t0
 
 
+@asynccontextmanager
+async def partial_join(
+    synapse_factory, tls_files, tmp_path, **resync: Any
+) -> AsyncIterator[tuple[FakeResident, Joined]]:
+    """The joiner in a room of the fake resident, which holds `/state_ids`:
+    the room stays partial until `resident.release()`. The resident stops on
+    the way out."""
+    resident = await start_resident(tls_files, tmp_path, spec=SPEC)
+    try:
+        resident.hold(STATE_IDS)
+        j = await join(synapse_factory, resident, **resync)
+        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT)
+        yield resident, j
+    finally:
+        await resident.stop()
+
+
+async def release_and_wait_stored(
+    resident: FakeResident, j: Joined, event_ids: list[str], timeout: float
+) -> tuple[float, dict[str, int]]:
+    """Release `/state_ids`; every one of `event_ids` ends up stored and
+    accepted, the resync completes, the queue drains, and no dropped event is
+    left to fetch again or given up. Returns how long the events took after
+    the release, and the dropped rows by state."""
+    resident.release()
+    seconds = await wait_persisted(j, event_ids, timeout=timeout)
+    await assert_complete(j)
+    await poll_until(lambda: _staged(j) == 0, timeout=60)
+    rows = dropped_rows(j)
+    assert rows.get("pending", 0) == 0 and rows.get("failed", 0) == 0, rows
+    return seconds, rows
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_burst_stays_within_the_bound_and_nothing_is_lost(
     synapse_factory, tls_files, tmp_path, db_backend
@@ -90,12 +125,9 @@ async def test_a_burst_stays_within_the_bound_and_nothing_is_lost(
     15 minutes per database on the project's shared 2-core machines; the
     README gives both databases' figures for 5,000)."""
     limit, count = (500, 5000) if db_backend == "sqlite" else (200, 2000)
-    resident = await start_resident(tls_files, tmp_path, spec=SPEC)
-    try:
-        resident.hold(STATE_IDS)
-        j = await join(synapse_factory, resident, inbound_queue_limit=limit)
-        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT)
-
+    async with partial_join(
+        synapse_factory, tls_files, tmp_path, inbound_queue_limit=limit
+    ) as (resident, j):
         t0 = time.monotonic()
         ids = burst(resident, count)
         t_generated = time.monotonic() - t0
@@ -116,12 +148,7 @@ async def test_a_burst_stays_within_the_bound_and_nothing_is_lost(
         assert queue["dropped"] >= count - 2 * limit, queue
         assert queue["queued"] <= limit + 200, queue
 
-        resident.release()
-        t_caught_up = await wait_persisted(j, ids, timeout=1500)
-        await assert_complete(j)
-        await poll_until(lambda: _staged(j) == 0, timeout=60)
-        rows = dropped_rows(j)
-        assert rows.get("pending", 0) == 0 and rows.get("failed", 0) == 0, rows
+        t_caught_up, rows = await release_and_wait_stored(resident, j, ids, timeout=1500)
         dropped = sum(rows.values())
         log = j.joiner.read_log()
         assert "from federation queue" not in log, "Synapse pruned the inbound queue"
@@ -139,8 +166,6 @@ async def test_a_burst_stays_within_the_bound_and_nothing_is_lost(
             f" {t_delivered:.1f} s, peak queue {peak}, dropped {dropped} ({rows}),"
             f" all persisted {t_caught_up:.1f} s after the release"
         )
-    finally:
-        await resident.stop()
 
 
 async def assert_full_state(j: Joined) -> None:
@@ -176,11 +201,9 @@ async def test_restart_with_a_full_queue_loses_nothing(
     more events wait to be fetched again: after the restart every event is
     stored and accepted (the queue is on disk, the dropped ids too)."""
     limit, count = 100, 400
-    resident = await start_resident(tls_files, tmp_path, spec=SPEC)
-    try:
-        resident.hold(STATE_IDS)
-        j = await join(synapse_factory, resident, inbound_queue_limit=limit)
-        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT)
+    async with partial_join(
+        synapse_factory, tls_files, tmp_path, inbound_queue_limit=limit
+    ) as (resident, j):
         ids = burst(resident, count)
         await poll_until(lambda: resident._sender.sent >= count, timeout=300, interval=0.5)
         staged, pending = _staged(j), dropped_rows(j).get("pending", 0)
@@ -188,17 +211,11 @@ async def test_restart_with_a_full_queue_loses_nothing(
         processed_before = _persisted(j, ids)
 
         j.joiner.restart()
-        resident.release()
-        await wait_persisted(j, ids, timeout=600)
-        await assert_complete(j)
-        rows = dropped_rows(j)
-        assert rows.get("pending", 0) == 0 and rows.get("failed", 0) == 0, rows
+        _, rows = await release_and_wait_stored(resident, j, ids, timeout=600)
         print(
             f"\nrestart with {staged} queued and {pending} dropped to fetch again"
             f" ({processed_before} of {count} processed before): all {count} stored, {rows}"
         )
-    finally:
-        await resident.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -352,11 +369,9 @@ async def test_queue_stays_bounded_while_its_processing_is_stalled(
     0020; Synapse asks the module about the queue only between two events it
     processes), and once the fetch answers every event is stored."""
     limit, count = 100, 400
-    resident = await start_resident(tls_files, tmp_path, spec=SPEC)
-    try:
-        resident.hold(STATE_IDS)
-        j = await join(synapse_factory, resident, inbound_queue_limit=limit)
-        await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT)
+    async with partial_join(
+        synapse_factory, tls_files, tmp_path, inbound_queue_limit=limit
+    ) as (resident, j):
         room, spec = resident.room, resident.room.spec
         resident.hold(GET_MISSING_EVENTS)
         missing = room.create_event(spec.member(1), "m.room.message", {"msgtype": "m.text", "body": "gap"})
@@ -378,11 +393,7 @@ async def test_queue_stays_bounded_while_its_processing_is_stalled(
         assert peak <= limit + 60, f"{peak} events queued while stalled (bound {limit})"
         assert dropped_rows(j).get("pending", 0) >= count - limit - 60, dropped_rows(j)
 
-        resident.release()
-        await wait_persisted(j, [missing.event_id, stalled.event_id] + ids, timeout=600)
-        await assert_complete(j)
-        rows = dropped_rows(j)
-        assert rows.get("pending", 0) == 0 and rows.get("failed", 0) == 0, rows
+        _, rows = await release_and_wait_stored(
+            resident, j, [missing.event_id, stalled.event_id] + ids, timeout=600
+        )
         print(f"\nstalled queue: peak {peak} queued (bound {limit}), {rows}")
-    finally:
-        await resident.stop()

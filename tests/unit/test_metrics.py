@@ -16,6 +16,7 @@ from prometheus_client.core import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from synapse_fastjoin import metrics as m
+from synapse_fastjoin.handlers.inbound_queue import InboundQueueStats
 from synapse_fastjoin.resync import progress as progress_mod
 from synapse_fastjoin.resync.progress import (
     PHASE_CATCHUP,
@@ -283,3 +284,32 @@ def test_warnings_for_bad_signatures_and_a_room_stuck_on_one_error(setup, monkey
     clock[0] += 3600
     metrics._check_warnings()
     assert not caplog.records
+
+
+def test_inbound_and_retries_counters_are_exported_from_their_sources():
+    """Each table-driven counter reads its own field: the inbound queue's
+    totals and the retries of this process."""
+    stats = InboundQueueStats()
+    stats.dropped, stats.refetched, stats.arrived, stats.failed = 5, 3, 1, 2
+    engine = _Engine()
+    metrics = m.FastJoinMetrics(SimpleNamespace(server_name="inbound.test"), engine, stats)  # type: ignore[arg-type]
+    m._COLLECTOR.add(metrics)
+    try:
+        p = engine.start("!a:x")
+        p.retries, p.retries_before = 7, 3
+        text = generate_latest(REGISTRY).decode()
+    finally:
+        m._COLLECTOR.remove(metrics)
+    values = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        if f.type == "counter"
+        for s in f.samples
+        if s.labels.get("server_name") == "inbound.test" and s.name.endswith("_total")
+    }
+    assert values["synapse_fastjoin_inbound_events_dropped_total"] == 5
+    assert values["synapse_fastjoin_inbound_events_refetched_total"] == 3
+    assert values["synapse_fastjoin_inbound_events_arrived_total"] == 1
+    assert values["synapse_fastjoin_inbound_events_refetch_failed_total"] == 2
+    assert values["synapse_fastjoin_resync_retries_total"] == 4
+    assert values["synapse_fastjoin_resync_events_fetched_total"] == 0
