@@ -48,6 +48,7 @@ from synapse.util.duration import Duration
 from synapse_fastjoin.handlers.device_lists import RemoteDeviceListCheck
 from synapse_fastjoin.resync.checkpool import CheckPool
 from synapse_fastjoin.resync.fetch import StateFetcher
+from synapse_fastjoin.resync.keys import start_key_prefetch
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.storage.current_state import update_current_state
 from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
@@ -363,6 +364,9 @@ class _RoomResync:
             # start importing Synapse now, while /state_ids is asked for, not
             # once its answer shows how big (saves their start-up time).
             self._checkpool.warm_up()
+            # And the servers' signing keys are asked of the notaries now,
+            # not chunk by chunk as the state reveals them.
+            start_key_prefetch(self._hs, self._room_id, self._destinations.names())
         while True:
             try:
                 if self._aborted:

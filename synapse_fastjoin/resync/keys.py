@@ -2,15 +2,17 @@
 keyring (its notaries, caches and key store) ahead of the threaded checks."""
 
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, Collection
 
 from signedjson.key import encode_verify_key_base64
 from twisted.internet import defer
 
 from synapse.api.room_versions import RoomVersion
-from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS, _FetchKeyRequest
+from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS, PerspectivesKeyFetcher, _FetchKeyRequest
 from synapse.logging.context import make_deferred_yieldable, run_in_background
-from synapse.util.async_helpers import Linearizer
+from synapse.util.async_helpers import Linearizer, ObservableDeferred
+from synapse.util.iterutils import batch_iter
 
 from synapse_fastjoin.resync.checks import KeyInfo, wanted_key_ids
 
@@ -45,6 +47,7 @@ class SigningKeys:
         (each asked for once per round). Serialised, so a chunk never goes on
         while another is still fetching its keys."""
         async with self._linearizer.queue(self._room_id):
+            await _wait_for_prefetch(self._hs, self._room_id)
             await self._ensure_locked(chunk)
 
     async def _ensure_locked(self, chunk: list[dict[str, Any]]) -> None:
@@ -92,3 +95,94 @@ class SigningKeys:
                 [run_in_background(fetch, server) for server in needed], consumeErrors=True
             )
         )
+
+
+# Servers per notary request of `prefetch_server_keys`, and requests at once.
+_PREFETCH_BATCH = 500
+_PREFETCH_PARALLEL = 4
+# How long the first chunks wait for a prefetch under way rather than asking
+# for their keys themselves (twice: the notary would answer the same).
+_PREFETCH_WAIT_SECONDS = 15.0
+
+# Prefetches under way, by room.
+_prefetching: dict[str, ObservableDeferred[int]] = {}
+
+
+async def _wait_for_prefetch(hs: "HomeServer", room_id: str) -> None:
+    prefetch = _prefetching.get(room_id)
+    if prefetch is None:
+        return
+    waiter = prefetch.observe()
+    waiter.addTimeout(_PREFETCH_WAIT_SECONDS, hs.get_reactor())
+    try:
+        await make_deferred_yieldable(waiter)
+    except defer.TimeoutError:
+        logger.info("Resync of %s: the key prefetch is slow; asking for the chunk's keys", room_id)
+    except Exception:
+        pass  # logged where it failed
+
+
+def start_key_prefetch(hs: "HomeServer", room_id: str, servers: Collection[str]) -> None:
+    """Run `prefetch_server_keys` in the background; the room's chunk checks
+    wait for it (up to a bound) instead of asking the notaries the same."""
+    if room_id in _prefetching:
+        return
+
+    async def run() -> int:
+        try:
+            return await prefetch_server_keys(hs, room_id, servers)
+        finally:
+            _prefetching.pop(room_id, None)
+
+    d = hs.run_as_background_process("fastjoin_prefetch_keys", run)
+    if not d.called:  # (else it is over already: nothing to wait for)
+        _prefetching[room_id] = ObservableDeferred(d, consumeErrors=True)
+
+
+async def prefetch_server_keys(hs: "HomeServer", room_id: str, servers: Collection[str]) -> int:
+    """Warm Synapse's key store with the signing keys of a big room's servers
+    before its state arrives.
+
+    The checks of each chunk of the state wait for the keys of the servers
+    that signed it (`SigningKeys.ensure`); in a room of a thousand servers the
+    first chunks each reveal hundreds of servers, fetched one keyring round
+    after another while the stream waits. Here the room's servers are asked
+    of the configured notaries as the resync starts, in parallel with
+    `/state_ids`, through Synapse's own notary client: a server listed with no
+    key id asks the notary for every key it has of that server, and what
+    comes back is verified and stored by Synapse as on any key query
+    (`process_v2_response`). The keyring then answers the chunks' requests
+    from its store. Best effort: nothing depends on it but the time, and a
+    notary that fails is only logged (by Synapse).
+
+    Returns how many servers' keys the notaries returned.
+    """
+    fetcher = next(
+        (f for f in hs.get_keyring()._key_fetchers if isinstance(f, PerspectivesKeyFetcher)), None
+    )
+    if fetcher is None:
+        return 0
+    wanted = sorted(s for s in servers if not hs.is_mine_server_name(s))
+    batches = [
+        [_FetchKeyRequest(server_name=s, minimum_valid_until_ts=0, key_ids=[]) for s in batch]
+        for batch in batch_iter(wanted, _PREFETCH_BATCH)
+    ]
+    found: set[str] = set()
+
+    async def worker() -> None:
+        while batches:
+            result = await fetcher._fetch_keys(batches.pop())
+            found.update(server for server, keys in result.items() if keys)
+
+    started = time.monotonic()
+    await make_deferred_yieldable(
+        defer.gatherResults(
+            [run_in_background(worker) for _ in range(min(_PREFETCH_PARALLEL, len(batches)))],
+            consumeErrors=True,
+        )
+    )
+    logger.info(
+        "Resync of %s: notaries gave the keys of %d of %d servers in %.1f s",
+        room_id, len(found), len(wanted), time.monotonic() - started,
+    )
+    return len(found)

@@ -123,6 +123,10 @@ class FetchPolicy:
     def __len__(self) -> int:
         return len(self._servers)
 
+    def names(self) -> list[str]:
+        """Every server known, in the order they were added."""
+        return list(self._servers)
+
     def prefer(self, servers: Collection[str]) -> None:
         """Ask these first from now on (an admin's `via`)."""
         self._preferred = [s for s in servers if s and s != self._own]

@@ -1,0 +1,31 @@
+"""A big room's signing keys asked of the notary as its resync starts
+(`resync.keys.prefetch_server_keys`), not chunk by chunk as the state reveals
+the servers that signed it."""
+
+import re
+
+import pytest_twisted
+
+from tests.e2e.test_resync_bad_input import assert_complete, join, served, start_resident
+from tests.harness.fakehs.room import RoomSpec
+
+# 241 other servers: over the engine's threshold for a big room (200).
+SPEC = RoomSpec(members=600, servers=240, history=5)
+KEY_QUERY = r"^/_matrix/key/v2/query"
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_of_a_big_room_come_from_the_notary_at_once(synapse_factory, tls_files, tmp_path):
+    resident = await start_resident(tls_files, tmp_path, spec=SPEC)
+    try:
+        # Chunks of 50 events: without the prefetch each would reveal dozens
+        # of new servers and wait for a notary query of its own.
+        j = await join(synapse_factory, resident, chunk_size=50, event_fetch_threshold=0)
+        await assert_complete(j)
+        found = re.search(r"notaries gave the keys of (\d+) of (\d+) servers", j.joiner.read_log())
+        assert found, "no key prefetch"
+        assert int(found.group(1)) >= SPEC.servers, found.group(0)
+        # The prefetch's query, and at most a couple made before it answered.
+        assert served(resident, KEY_QUERY, 200) <= 3, served(resident, KEY_QUERY)
+    finally:
+        await resident.stop()
