@@ -11,9 +11,9 @@ we lack, build the state map) without its limits:
 - Signature, hash and event-id checks run in worker threads; the keys they
   need are fetched through Synapse's keyring first.
 - Events are auth-checked against their auth events in topological order
-  (as Synapse does for outliers) and persisted in batches through Synapse's
-  own event persistence, as outliers. An event whose auth events have not
-  arrived yet waits (up to `park_limit` of them; past that it is dropped and
+  (as Synapse does for outliers) and persisted in batches, as outliers
+  (`persist.StatePersister`). An event whose auth events have not arrived
+  yet waits (up to `park_limit` of them; past that it is dropped and
   fetched again in a later round, so memory stays bounded however the
   server orders its response).
 - A round that fails (a cut connection, a hostile body, an error) loses
@@ -21,24 +21,14 @@ we lack, build the state map) without its limits:
   server, only processes what is still missing.
 """
 
-import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AbstractSet, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
-from synapse.api.constants import RejectedReason
-from synapse.api.errors import AuthError, EventSizeError
 from synapse.api.room_versions import RoomVersion
-from synapse.event_auth import (
-    check_state_dependent_auth_rules,
-    check_state_independent_auth_rules,
-    validate_event_for_room_version,
-)
-from synapse.events import EventBase
-from synapse.events.snapshot import EventContext
 from synapse.logging.context import (
     PreserveLoggingContext,
     current_context,
@@ -48,17 +38,13 @@ from synapse.logging.context import (
 )
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 from synapse.types import StateMap
-from synapse.util.async_helpers import Linearizer
-from synapse.util.duration import Duration
-from synapse.util.iterutils import batch_iter, sorted_topologically
+from synapse.util.iterutils import batch_iter
 
 from synapse_fastjoin.resync import requests
 from synapse_fastjoin.resync.checkpool import CheckPool, CheckProcessFailed
 from synapse_fastjoin.resync.checks import (
-    Validation,
     check_chunk,
     collect_worker_verdicts,
-    raise_validation,
     raw_keys,
     run_spam_checks,
 )
@@ -70,10 +56,8 @@ from synapse_fastjoin.resync.progress import (
     PHASE_STATE_IDS,
     ResyncProgress,
 )
+from synapse_fastjoin.resync.persist import StatePersister, stored_event_ids
 from synapse_fastjoin.resync.stream import StateBodyReader
-from synapse_fastjoin.resync.writes import OrderedWrites
-from synapse_fastjoin.storage.bulk import persist_outliers
-from synapse_fastjoin.storage.events import stored_event_ids_txn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -113,22 +97,14 @@ class StateFetcher:
         self._keys = SigningKeys(hs, room_id, room_version)
         self._timeout_ms = config.request_timeout_seconds * 1000
         self._key_problem_ids: set[str] = set()
-        self._persist_lock = Linearizer(name="fastjoin_persist", clock=self._clock)
-        # Per fetch_state_after call:
-        self._missing: set[str] = set()
-        self._promised: AbstractSet[str] = frozenset()
-        self._parked: dict[str, EventBase] = {}
-        self._local_ids: set[str] = set()
-        self._absent_ids: set[str] = set()
-        self._auth_cache: collections.OrderedDict[str, EventBase] = collections.OrderedDict()
-        # Auth-checked events queued to be written (see resync/writes.py):
-        # counted as stored by the auth checks of the next batches.
-        self._writes = OrderedWrites()
-        self._in_flight: dict[str, EventBase] = {}
-        # `validate_event_for_room_version`'s outcome for events a check
-        # process already ran it on.
-        self._validated: dict[str, Validation] = {}
         self._rejected_ids: set[str] = set()
+        # Per fetch_state_after call (resync/persist.py).
+        self._state: StatePersister | None = None
+
+    @property
+    def _s(self) -> StatePersister:
+        assert self._state is not None, "only while fetch_state_after runs"
+        return self._state
 
     # The state after one event.
 
@@ -151,16 +127,14 @@ class StateFetcher:
         promised = set(state_ids)
         promised.update(auth_ids)
         promised.add(event_id)
-        self._promised = promised
-        stored = await self._stored_event_ids(promised)
-        self._missing = promised - stored
-        self._local_ids = set(stored)
-        self._absent_ids = set()
-        self._parked = {}
-        self._progress.expected = len(self._missing)
+        stored = await stored_event_ids(self._store, promised)
+        self._state = StatePersister(
+            self._hs, self._config, self._room_id, self._progress, promised, stored, self._rejected_ids
+        )
+        self._progress.expected = len(self._s.missing)
         self._progress.already_stored = len(stored)
         del stored
-        if self._checkpool is not None and len(self._missing) >= self._config.check_process_min_events:
+        if self._checkpool is not None and len(self._s.missing) >= self._config.check_process_min_events:
             # Ready a second or two later, while the first chunks are checked in threads.
             self._checkpool.warm_up()
         logger.info(
@@ -171,10 +145,14 @@ class StateFetcher:
             len(state_ids),
             len(auth_ids),
             self._progress.already_stored,
-            len(self._missing),
+            len(self._s.missing),
         )
 
-        unavailable = await self._fetch_missing(event_id)
+        try:
+            unavailable = await self._fetch_missing(event_id)
+        except BaseException:
+            self._state = None
+            raise
         self._progress.unavailable = len(unavailable)
 
         # Build the state map from what is stored, as Synapse does: skip events
@@ -201,29 +179,23 @@ class StateFetcher:
             raise NoServerAnswered(f"could not get the event {event_id} itself")
         if prev.is_state() and prev.rejected_reason is None:
             state_map[(prev.type, prev.state_key)] = prev.event_id
-        self._missing = set()
-        self._promised = frozenset()
-        self._parked = {}
-        self._local_ids = set()
-        self._auth_cache.clear()
-        self._in_flight.clear()
-        self._validated.clear()
+        self._state = None
         return state_map
 
     async def _fetch_missing(self, at_event_id: str) -> set[str]:
         """Fetch rounds until nothing is missing. Returns the events no server
         would give us although at least one answered the round completely."""
         rounds_without_progress = 0
-        while self._missing:
-            before = len(self._missing)
-            before_missing = set(self._missing)
+        while self._s.missing:
+            before = len(self._s.missing)
+            before_missing = set(self._s.missing)
             complete_round = False
             # Keys that could not be fetched are asked for again each round.
             self._keys.new_round()
             self._key_problem_ids = set()
             # /state is the state *before* the event: the event itself always
             # comes from /event.
-            in_state = len(self._missing - {at_event_id})
+            in_state = len(self._s.missing - {at_event_id})
             if in_state and self._state_is_cheaper(in_state):
                 self._progress.set_phase(PHASE_STATE)
                 await self._destinations.refresh()
@@ -231,13 +203,13 @@ class StateFetcher:
                 # waits, parked, for its auth events if it arrives first):
                 # one round trip, not two in a row.
                 itself = None
-                if at_event_id in self._missing:
+                if at_event_id in self._s.missing:
                     itself = run_in_background(self._fetch_events_individually, [at_event_id])
                     itself.addErrback(self._not_fetched, at_event_id)
                 try:
                     complete_round = await self._stream_state_from_best(at_event_id)
                 except NoServerAnswered:
-                    if self._missing == before_missing:
+                    if self._s.missing == before_missing:
                         raise
                     # A stream broke off part-way: keep what it brought, and
                     # go round again for the rest.
@@ -255,19 +227,19 @@ class StateFetcher:
             else:
                 self._progress.set_phase(PHASE_EVENTS)
                 complete_round = await self._fetch_events_individually()
-            await self._drain_parked(final=True)
-            progress = before - len(self._missing)
+            await self._s.drain(final=True)
+            progress = before - len(self._s.missing)
             logger.info(
                 "Resync of %s: round done, %d events stored, %d still missing",
                 self._room_id,
                 progress,
-                len(self._missing),
+                len(self._s.missing),
             )
             if progress > 0:
                 rounds_without_progress = 0
                 continue
             rounds_without_progress += 1
-            unchecked = self._missing & self._key_problem_ids
+            unchecked = self._s.missing & self._key_problem_ids
             if unchecked:
                 # Not the events' fault: the keys to check them could not be
                 # fetched (e.g. the notary is backing off). Try again later.
@@ -277,7 +249,7 @@ class StateFetcher:
             if complete_round and rounds_without_progress >= 2:
                 # Servers answered but none has these events (or they depend on
                 # events none has): do what Synapse does, leave them out.
-                unavailable = set(self._missing)
+                unavailable = set(self._s.missing)
                 logger.warning(
                     "Resync of %s: %d promised events could not be fetched from any "
                     "server; leaving them out of the state: %s",
@@ -285,7 +257,7 @@ class StateFetcher:
                     len(unavailable),
                     sorted(unavailable)[:20],
                 )
-                self._missing = set()
+                self._s.missing = set()
                 return unavailable
             if not complete_round:
                 raise NoServerAnswered("no server served the missing events")
@@ -308,7 +280,7 @@ class StateFetcher:
             return method == "state"
         if missing > self._config.event_fetch_threshold:
             return True
-        surplus = max(0, len(self._promised) - missing)
+        surplus = max(0, len(self._s.promised) - missing)
         return missing * _EVENT_REQUEST_MS > _STATE_REQUEST_MS + surplus * _STATE_ITEM_MS
 
     def _attempting(self, server: str) -> None:
@@ -365,9 +337,9 @@ class StateFetcher:
                 if len(broken) >= self._config.servers_per_attempt:
                     raise NoServerAnswered(f"/state from {destination}: {type(e).__name__}: {e}") from e
                 # (Under the lock: the event itself may be fetched meanwhile.)
-                async with self._persist_lock.queue(self._room_id):
-                    await self._drain_parked(final=False)
-                if not self._missing - {at_event_id}:
+                async with self._s.lock.queue(self._room_id):
+                    await self._s.drain(final=False)
+                if not self._s.missing - {at_event_id}:
                     return True
 
     async def _stream_state(self, destination: str, response: Any) -> bool:
@@ -383,7 +355,7 @@ class StateFetcher:
             inflight.append(waiter)
             return d
 
-        promised_count = len(self._promised)
+        promised_count = len(self._s.promised)
 
         def on_data(items: int, nbytes: int) -> None:
             self._progress.fetched += items
@@ -413,18 +385,19 @@ class StateFetcher:
         return True
 
     async def _take_chunk(self, chunk: list[dict[str, Any]], reader: StateBodyReader | None) -> None:
-        result = await self._check(chunk)
+        state = self._s  # (the fetch this chunk belongs to, throughout)
+        result = await self._check(chunk, state)
         if reader is not None:
             reader.unwanted += result.unwanted + result.malformed
-            if reader.unwanted > max(1000, len(self._promised) // 10):
+            if reader.unwanted > max(1000, len(state.promised) // 10):
                 reader.reject(f"{reader.unwanted} events that /state_ids did not list")
-        async with self._persist_lock.queue(self._room_id):
-            writes = await self._auth_and_persist(result)
+        async with state.lock.queue(self._room_id):
+            writes = await state.take(result)
         # The next chunk is auth-checked while this one's batches are written.
         if writes is not None:
             await make_deferred_yieldable(writes)
 
-    async def _check(self, chunk: list[dict[str, Any]]) -> Any:
+    async def _check(self, chunk: list[dict[str, Any]], state: StatePersister) -> Any:
         await self._keys.ensure(chunk)
         result = None
         if self._checkpool is not None and self._checkpool.ready():
@@ -443,8 +416,8 @@ class StateFetcher:
                     verdicts,
                     self._room_version,
                     self._room_id,
-                    self._promised,
-                    self._missing,
+                    state.promised,
+                    state.missing,
                 )
             except CheckProcessFailed as e:
                 logger.warning("Resync of %s: %s; checking the chunk in threads", self._room_id, e)
@@ -456,8 +429,8 @@ class StateFetcher:
                 chunk,
                 self._room_version,
                 self._room_id,
-                self._promised,
-                self._missing,
+                state.promised,
+                state.missing,
                 self._keys.snapshot(),
             )
         # What Synapse's _check_sigs_and_hash does after the signatures and
@@ -498,7 +471,7 @@ class StateFetcher:
         await self._destinations.refresh()
         if not len(self._destinations):
             raise NoServerAnswered("no other server is known to be in the room")
-        queue = sorted(self._missing if event_ids is None else event_ids)
+        queue = sorted(self._s.missing if event_ids is None else event_ids)
         total = len(queue)
         pdus: list[dict[str, Any]] = []
         flushing: list["defer.Deferred[None]"] = []
@@ -563,212 +536,6 @@ class StateFetcher:
         # Complete if every event was served, or said not to exist, by someone.
         return len(answered) == total
 
-    # Auth and persistence.
-
-    async def _auth_and_persist(self, result: Any) -> "defer.Deferred[None] | None":
-        for event in result.accepted:
-            if event.event_id in self._missing:
-                self._parked[event.event_id] = event
-                # (Always for this very event object: in room versions 1
-                # and 2 another event may come with the same id.)
-                if event.event_id in result.validated:
-                    self._validated[event.event_id] = result.validated[event.event_id]
-                else:
-                    self._validated.pop(event.event_id, None)
-        return await self._drain_parked(final=False, wait=False)
-
-    async def _drain_parked(self, final: bool, wait: bool = True) -> "defer.Deferred[None] | None":
-        """Auth-check and persist every parked event whose auth events are all
-        stored (or queued to be) or parked and ready; keep the rest parked (up
-        to park_limit).
-
-        With `wait`, returns once the batches are written; else returns a
-        Deferred that fires then (the writes go on in order meanwhile)."""
-        # Before anything counts on events queued to be written.
-        token = self._writes.token()
-        if not self._parked:
-            if wait:
-                await self._writes.wait_all()
-            return None
-        candidates = self._parked
-        unknown = {
-            a
-            for ev in candidates.values()
-            for a in ev.auth_event_ids()
-            if a not in candidates and not self._is_stored(a) and a not in self._absent_ids
-        }
-        # Auth events outside what /state_ids promised (e.g. from the join) may
-        # be stored already.
-        unknown_unpromised = {a for a in unknown if a not in self._promised}
-        if unknown_unpromised:
-            found = await self._stored_event_ids(unknown_unpromised)
-            self._local_ids.update(found)
-            self._absent_ids.update(unknown_unpromised - found)
-
-        graph = {
-            ev.event_id: [a for a in ev.auth_event_ids() if a in candidates]
-            for ev in candidates.values()
-        }
-        ready: list[EventBase] = []
-        ready_ids: set[str] = set()
-        waiting: dict[str, EventBase] = {}
-        for event_id in sorted_topologically(candidates.keys(), graph):
-            ev = candidates[event_id]
-            if all(a in ready_ids or self._is_stored(a) for a in ev.auth_event_ids()):
-                ready.append(ev)
-                ready_ids.add(event_id)
-            else:
-                waiting[event_id] = ev
-        if len(waiting) > self._config.park_limit:
-            # Drop the excess: those events stay missing and are fetched again
-            # in a later round, when their auth events are stored.
-            excess = list(waiting)[self._config.park_limit :]
-            for event_id in excess:
-                del waiting[event_id]
-                self._validated.pop(event_id, None)
-            self._progress.park_dropped += len(excess)
-            logger.info(
-                "Resync of %s: %d events wait for auth events not received yet; "
-                "%d over resync.park_limit dropped, to be fetched again",
-                self._room_id, len(waiting) + len(excess), len(excess),
-            )
-        self._parked = waiting
-        if final and waiting:
-            logger.info(
-                "Resync of %s: %d events wait for auth events not received yet",
-                self._room_id,
-                len(waiting),
-            )
-            self._parked = {}
-        writes = []
-        for batch in batch_iter(ready, self._config.persist_batch_size):
-            d = await self._persist_batch(list(batch), token)
-            if d is not None:
-                writes.append(d)
-        if wait:
-            await self._writes.wait_all()
-            if writes:
-                # (Each write's error, if any, is raised here.)
-                await make_deferred_yieldable(defer.gatherResults(writes, consumeErrors=True))
-            return None
-        if not writes:
-            return None
-        return defer.gatherResults(writes, consumeErrors=True)
-
-    def _is_stored(self, event_id: str) -> bool:
-        """Stored, or auth-checked and queued to be written."""
-        if event_id in self._local_ids or event_id in self._in_flight:
-            return True
-        return event_id in self._promised and event_id not in self._missing
-
-    async def _persist_batch(self, batch: list[EventBase], token: int) -> "defer.Deferred[None] | None":
-        """Auth-check a batch, then queue it to be written after the batches
-        queued before it. Returns the write's Deferred (None if nothing is
-        left to write)."""
-
-        async def load(ids: set[str]) -> dict[str, EventBase]:
-            found = {i: self._in_flight[i] for i in ids if i in self._in_flight}
-            rest = ids - found.keys()
-            if rest:
-                found.update(
-                    await self._store.get_events(
-                        rest, allow_rejected=True, redact_behaviour=EventRedactBehaviour.as_is
-                    )
-                )
-            return found
-
-        auth_map = await auth_events_for_batch(batch, self._auth_cache, load, _AUTH_CACHE_SIZE)
-
-        to_persist: list[tuple[EventBase, EventContext]] = []
-        storage = self._hs.get_storage_controllers()
-        for i, event in enumerate(batch):
-            auth = [auth_map.get(a) for a in event.auth_event_ids()]
-            if any(a is None for a in auth):
-                logger.warning(
-                    "Resync of %s: dropping %s, an auth event of it could not be found",
-                    self._room_id,
-                    event.event_id,
-                )
-                auth_map.pop(event.event_id, None)
-                self._validated.pop(event.event_id, None)
-                continue
-            event.internal_metadata.outlier = True
-            context = EventContext.for_outlier(storage)
-            try:
-                if event.event_id in self._validated:
-                    # Computed by the check process on this very event.
-                    raise_validation(self._validated.pop(event.event_id))
-                else:
-                    validate_event_for_room_version(event)
-                await check_state_independent_auth_rules(
-                    self._store, event, batched_auth_events=auth_map
-                )
-                check_state_dependent_auth_rules(event, auth)  # type: ignore[arg-type]
-            except AuthError as e:
-                logger.info("Resync of %s: rejecting %s: %s", self._room_id, event.event_id, e)
-                context.rejected = RejectedReason.AUTH_ERROR
-            except EventSizeError as e:
-                if e.unpersistable:
-                    logger.warning("Resync of %s: dropping unpersistable %s: %s", self._room_id, event.event_id, e)
-                    continue
-                context.rejected = RejectedReason.OVERSIZED_EVENT
-            if not context.rejected and any(a in self._rejected_ids for a in event.auth_event_ids()):
-                # Events from the DB carry their rejection; those of this run
-                # are tracked here (event objects are immutable).
-                logger.info("Resync of %s: rejecting %s: an auth event is rejected", self._room_id, event.event_id)
-                context.rejected = RejectedReason.AUTH_ERROR
-            if context.rejected:
-                self._progress.rejected += 1
-                self._rejected_ids.add(event.event_id)
-            to_persist.append((event, context))
-            if (i + 1) % 200 == 0:
-                await self._clock.sleep(Duration(seconds=0))
-        if not to_persist:
-            return None
-        # Auth events of the next batches from now on, written or not.
-        for event, _ in to_persist:
-            self._in_flight[event.event_id] = event
-            self._auth_cache[event.event_id] = event
-        while len(self._auth_cache) > _AUTH_CACHE_SIZE:
-            self._auth_cache.popitem(last=False)
-
-        async def write() -> None:
-            if self._config.bulk_writer:
-                # The same rows as Synapse's outlier persistence, in one
-                # transaction per batch (storage/bulk.py; parity-tested).
-                await persist_outliers(self._hs, self._room_id, to_persist)
-            else:
-                await self._federation_event_handler.persist_events_and_notify(
-                    self._room_id, to_persist, backfilled=True
-                )
-            for event, _ in to_persist:
-                self._missing.discard(event.event_id)
-                self._in_flight.pop(event.event_id, None)
-            self._progress.persisted += len(to_persist)
-
-        def clean_up() -> None:
-            # Not written: these stay missing (fetched again later), and no
-            # batch checked from now on may count on them.
-            for event, _ in to_persist:
-                self._in_flight.pop(event.event_id, None)
-                self._auth_cache.pop(event.event_id, None)
-
-        return self._writes.queue(token, write, clean_up)
-
-    # Helpers.
-
-    async def _stored_event_ids(self, event_ids: Iterable[str]) -> set[str]:
-        """Which of `event_ids` are in the events table."""
-        found: set[str] = set()
-        for group in batch_iter(list(event_ids), 20000):
-            found.update(
-                await self._store.db_pool.runInteraction(
-                    "fastjoin_stored_event_ids", stored_event_ids_txn, group
-                )
-            )
-        return found
-
-
 def _settled(d: "defer.Deferred[Any]") -> "defer.Deferred[None]":
     """A Deferred that fires once `d` has, whatever its outcome (which stays
     on `d`, its failure handled)."""
@@ -780,48 +547,6 @@ def _settled(d: "defer.Deferred[Any]") -> "defer.Deferred[None]":
 
     d.addBoth(done)
     return out
-
-
-# Events kept in memory as possible auth events of the next batches.
-_AUTH_CACHE_SIZE = 2000
-
-
-async def auth_events_for_batch(
-    batch: list[EventBase],
-    cache: "collections.OrderedDict[str, EventBase]",
-    load: Callable[[set[str]], Awaitable[dict[str, EventBase]]],
-    cache_size: int,
-) -> dict[str, EventBase]:
-    """Every event of `batch` and every auth event of theirs that can be had:
-    from the batch itself, the cache of recent events, or the database.
-
-    The batch's own needs are taken out of the cache before anything new goes
-    in: trimming the cache may then evict what it likes without losing an
-    auth event this batch was counting on. (It once loaded first and trimmed
-    before looking: with a full cache, the oldest entries, found present a
-    moment earlier, were gone, and a whole batch of valid events was dropped
-    for "an auth event of it could not be found".)
-    """
-    auth_map: dict[str, EventBase] = {ev.event_id: ev for ev in batch}
-    to_load: set[str] = set()
-    for ev in batch:
-        for a in ev.auth_event_ids():
-            if a in auth_map:
-                continue
-            cached = cache.get(a)
-            if cached is not None:
-                auth_map[a] = cached
-                cache.move_to_end(a)
-            else:
-                to_load.add(a)
-    if to_load:
-        loaded = await load(to_load)
-        auth_map.update(loaded)
-        for event_id, ev in loaded.items():
-            cache[event_id] = ev
-        while len(cache) > cache_size:
-            cache.popitem(last=False)
-    return auth_map
 
 
 # Estimated cost to this server, in ms, of what /state and /event differ in:

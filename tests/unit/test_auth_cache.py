@@ -7,7 +7,7 @@ from twisted.internet import defer
 from synapse.api.room_versions import RoomVersions
 from synapse.events import make_event_from_dict
 
-from synapse_fastjoin.resync.fetch import auth_events_for_batch
+from synapse_fastjoin.resync.persist import auth_events_for_batch
 
 
 def _event(n: int, auth: list[str]):

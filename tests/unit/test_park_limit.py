@@ -2,23 +2,21 @@
 are kept in memory up to the limit; past it the excess is dropped, counted
 and logged, and stays missing, so that a later round fetches it again.
 
-A real StateFetcher of a real in-process HomeServer, fed real Synapse event
-objects, as `_take_chunk` hands them over after the checks."""
+The StatePersister of a real in-process HomeServer, fed real Synapse event
+objects, as `StateFetcher._take_chunk` hands them over after the checks."""
 
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.python.threadpool import ThreadPool
 
 from synapse.api.room_versions import RoomVersions
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import EventBase, make_event_from_dict
 
 from synapse_fastjoin.config import parse_config
-from synapse_fastjoin.resync.fetch import StateFetcher
-from synapse_fastjoin.resync.policy import FetchPolicy
+from synapse_fastjoin.resync.persist import StatePersister
 from synapse_fastjoin.resync.progress import ResyncProgress
 from tests.harness.inprocess import make_homeserver
 from tests.harness.sync_run import run
@@ -61,15 +59,6 @@ def _event(
 def test_events_past_the_park_limit_are_dropped_counted_logged_and_stay_missing(homeserver, caplog):
     config = parse_config({"resync": {"park_limit": PARK_LIMIT}}).resync
     progress = ResyncProgress(ROOM)
-    fetcher = StateFetcher(
-        homeserver,
-        config,
-        ROOM,
-        RoomVersions.V10,
-        FetchPolicy(homeserver, config, ROOM),
-        progress,
-        ThreadPool(minthreads=1, maxthreads=1),  # never started: nothing is checked here
-    )
     create = _event(
         "m.room.create", "", {"creator": "@creator:remote.test", "room_version": "10"}, [], 0
     )
@@ -88,14 +77,22 @@ def test_events_past_the_park_limit_are_dropped_counted_logged_and_stay_missing(
     member_ids = {ev.event_id for ev in members}
     # The round's state as fetch_state_after leaves it: the create event
     # stored (promised, not missing), the join rules and the members missing.
-    fetcher._promised = frozenset({create.event_id, join_rules.event_id} | member_ids)
-    fetcher._missing = {join_rules.event_id} | member_ids
-    fetcher._parked = {ev.event_id: ev for ev in members}
+    persister = StatePersister(
+        homeserver,
+        config,
+        ROOM,
+        progress,
+        promised=frozenset({create.event_id, join_rules.event_id} | member_ids),
+        stored={create.event_id},
+        rejected_ids=set(),
+    )
+    assert persister.missing == {join_rules.event_id} | member_ids
+    persister.parked = {ev.event_id: ev for ev in members}
 
-    caplog.set_level(logging.INFO, logger="synapse_fastjoin.resync.fetch")
-    run(fetcher._drain_parked(final=False))
+    caplog.set_level(logging.INFO, logger="synapse_fastjoin.resync.persist")
+    run(persister.drain(final=False))
 
-    parked = set(fetcher._parked)
+    parked = set(persister.parked)
     dropped = member_ids - parked
     # The limit holds: the excess is dropped from memory...
     assert len(parked) == PARK_LIMIT, parked
@@ -111,14 +108,14 @@ def test_events_past_the_park_limit_are_dropped_counted_logged_and_stay_missing(
         f"{WAITING - PARK_LIMIT} over resync.park_limit dropped" in record.getMessage()
     ), record.getMessage()
     # ... and still missing: a later round asks for them again (what it
-    # fetches, and what its checks admit, is `_missing`).
-    assert dropped <= fetcher._missing
-    assert fetcher._missing == {join_rules.event_id} | member_ids
+    # fetches, and what its checks admit, is `missing`).
+    assert dropped <= persister.missing
+    assert persister.missing == {join_rules.event_id} | member_ids
     assert progress.persisted == 0
 
     # Nothing more over the limit, nothing more dropped.
     caplog.clear()
-    run(fetcher._drain_parked(final=False))
-    assert set(fetcher._parked) == parked
+    run(persister.drain(final=False))
+    assert set(persister.parked) == parked
     assert progress.park_dropped == WAITING - PARK_LIMIT
     assert not [r for r in caplog.records if "resync.park_limit" in r.getMessage()]
