@@ -15,6 +15,7 @@ from synapse.util.async_helpers import Linearizer, ObservableDeferred
 from synapse.util.iterutils import batch_iter
 
 from synapse_fastjoin.resync.checks import KeyInfo, wanted_key_ids
+from synapse_fastjoin.storage.keys import servers_with_keys_valid_until_txn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -98,11 +99,15 @@ class SigningKeys:
 
 
 # Servers per notary request of `prefetch_server_keys`, and requests at once.
-_PREFETCH_BATCH = 500
+_PREFETCH_BATCH = 100
 _PREFETCH_PARALLEL = 4
 # How long the first chunks wait for a prefetch under way rather than asking
-# for their keys themselves (twice: the notary would answer the same).
-_PREFETCH_WAIT_SECONDS = 15.0
+# for their keys themselves (twice: the notary would answer the same, and
+# Synapse stores each server's answer in a transaction of its own, which on
+# PostgreSQL takes a good part of a minute for a thousand servers). Bounded
+# for a notary that does not answer (Synapse's own request timeout bounds it
+# too).
+_PREFETCH_WAIT_SECONDS = 120.0
 
 # Prefetches under way, by room.
 _prefetching: dict[str, ObservableDeferred[int]] = {}
@@ -162,7 +167,16 @@ async def prefetch_server_keys(hs: "HomeServer", room_id: str, servers: Collecti
     )
     if fetcher is None:
         return 0
-    wanted = sorted(s for s in servers if not hs.is_mine_server_name(s))
+    wanted = {s for s in servers if not hs.is_mine_server_name(s)}
+    # Servers whose keys the store holds already, valid for an hour at least
+    # (from another room, or an earlier resync): the keyring answers for them.
+    known = await hs.get_datastores().main.db_pool.runInteraction(
+        "fastjoin_servers_with_keys",
+        servers_with_keys_valid_until_txn,
+        wanted,
+        hs.get_clock().time_msec() + 3600 * 1000,
+    )
+    wanted = sorted(wanted - known)
     batches = [
         [_FetchKeyRequest(server_name=s, minimum_valid_until_ts=0, key_ids=[]) for s in batch]
         for batch in batch_iter(wanted, _PREFETCH_BATCH)
@@ -182,7 +196,7 @@ async def prefetch_server_keys(hs: "HomeServer", room_id: str, servers: Collecti
         )
     )
     logger.info(
-        "Resync of %s: notaries gave the keys of %d of %d servers in %.1f s",
-        room_id, len(found), len(wanted), time.monotonic() - started,
+        "Resync of %s: notaries gave the keys of %d of %d servers in %.1f s (%d known already)",
+        room_id, len(found), len(wanted), time.monotonic() - started, len(known),
     )
     return len(found)
