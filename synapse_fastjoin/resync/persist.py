@@ -107,7 +107,8 @@ class StatePersister:
 
     async def take(self, result: Any) -> "defer.Deferred[None] | None":
         for event in result.accepted:
-            if event.event_id in self.missing:
+            # (One being written already came twice: /event and /state.)
+            if event.event_id in self.missing and event.event_id not in self._in_flight:
                 self.parked[event.event_id] = event
                 # (Always for this very event object: in room versions 1
                 # and 2 another event may come with the same id.)
