@@ -506,6 +506,7 @@ class _RoomResync:
             # rejected against the partial state may have been wrongly so.
             await self._federation_event_handler._check_event_auth(None, event, context)
             self._note_rejection_flip(event, context)
+            self._hold_partial_flags([event])
             await self._main.update_state_for_partial_state_event(event, context)
             self._storage.state.notify_event_un_partial_stated(event.event_id)
             self._notifier.notify_replication()
@@ -600,12 +601,35 @@ class _RoomResync:
                         txn, event, context, stream_id
                     )
 
+            self._hold_partial_flags([event for event, _ in pending])
             await store.db_pool.runInteraction("fastjoin_un_partial_state_events", write)
         for event, _ in pending:
             self._storage.state.notify_event_un_partial_stated(event.event_id)
         self._notifier.notify_replication()
         self._progress.catchup_done += len(pending)
         return len(pending)
+
+    def _hold_partial_flags(self, events: list[EventBase]) -> None:
+        """Before events are written as un-partial-stated: their cached
+        partial flag is set (True, what the database says until the write
+        commits), so that it and their cached state group change together.
+
+        Synapse computes a new event's context from its parents' partial
+        flags (read first, from the database unless cached: persisting an
+        event does not cache its flag) and then their state groups (cached
+        when they were persisted). The write updates both in the database,
+        but the caches only once the reactor runs the transaction's
+        after-commit callbacks: an event whose context is computed in
+        between would read the new flag (not partial) with the old, partial
+        state group, and be checked against the partial state as if it were
+        the full one (rejected: "not in room", and every event after it with
+        it). Seen on PostgreSQL under a burst of live events, where the
+        reads run on other connections while the write commits. With the
+        flag cached, a reader sees "partial" until the callbacks set the new
+        group and clear the flag, one after the other, in one reactor turn.
+        """
+        for event in events:
+            self._main.is_partial_state_event.prefill((event.event_id,), True)
 
     def _note_rejection_flip(self, event: EventBase, context: EventContext) -> bool:
         """Whether the re-check changed the event's rejection status; a
