@@ -15,7 +15,6 @@ from twisted.internet import reactor
 from synapse.api.errors import AuthError, EventSizeError
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.event_auth import validate_event_for_room_version
-from synapse.events import EventBase
 from synapse.logging.context import make_deferred_yieldable
 
 from synapse_fastjoin.resync.checkpool import CheckPool
@@ -74,19 +73,10 @@ def _keys() -> dict[tuple[str, str], KeyInfo]:
     return {(ORIGIN, KEY_ID): KeyInfo(get_verify_key(signing_key(ORIGIN)), TS + 10**12)}
 
 
-def _synapse_outcome(event: EventBase) -> tuple[type, bool] | None:
+def _raised(call: Any, arg: Any) -> tuple[type, bool] | None:
+    """What `call(arg)` raised: (the error type, unpersistable), or None."""
     try:
-        validate_event_for_room_version(event)
-    except EventSizeError as e:
-        return (EventSizeError, e.unpersistable)
-    except AuthError:
-        return (AuthError, False)
-    return None
-
-
-def _applied_outcome(outcome: Any) -> tuple[type, bool] | None:
-    try:
-        raise_validation(outcome)
+        call(arg)
     except EventSizeError as e:
         return (EventSizeError, e.unpersistable)
     except AuthError:
@@ -103,8 +93,8 @@ def _compare(version: str, verdicts: list[Any]) -> None:
     assert set(result.validated) == {e.event_id for e in result.accepted}
     outcomes = []
     for event in result.accepted:
-        ours = _applied_outcome(result.validated[event.event_id])
-        theirs = _synapse_outcome(event)
+        ours = _raised(raise_validation, result.validated[event.event_id])
+        theirs = _raised(validate_event_for_room_version, event)
         outcomes.append(theirs)
         assert ours == theirs, (event.event_id, ours, theirs)
     # The cases are what they claim: valid, refused, and kept as rejected.
