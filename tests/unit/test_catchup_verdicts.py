@@ -43,6 +43,16 @@ def _event(depth: int, prev: list[str], member: str | None = None, rejected=None
 class FakeMain:
     def __init__(self) -> None:
         self.written: list[str] = []
+        # Flags cached as partial before the write (see _hold_partial_flags).
+        self.held: set[str] = set()
+        main = self
+
+        class FlagCache:
+            def prefill(_self, key: tuple, value: bool) -> None:  # noqa: N805
+                assert value is True
+                main.held.add(key[0])
+
+        self.is_partial_state_event = FlagCache()
 
         class IdGen:
             @asynccontextmanager
@@ -50,7 +60,6 @@ class FakeMain:
                 yield list(range(n))
 
         self._un_partial_stated_events_stream_id_gen = IdGen()
-        main = self
 
         class DbPool:
             async def runInteraction(self, desc: str, func: Any, *args: Any) -> Any:
@@ -66,6 +75,8 @@ class FakeMain:
         return {i: False for i in ids}
 
     def _update_state_for_partial_state_event_txn(self, txn, event, context, stream_id):
+        # The partial flag must be cached before the write commits.
+        assert event.event_id in self.held, event.event_id
         self.written.append(event.event_id)
 
 
