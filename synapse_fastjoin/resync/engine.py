@@ -41,8 +41,10 @@ from synapse.logging.context import (
     make_deferred_yieldable,
     nested_logging_context,
 )
+from synapse.event_auth import auth_types_for_event
 from synapse.state import StateResolutionStore
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
+from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
 
 from synapse_fastjoin.handlers.device_lists import RemoteDeviceListCheck
@@ -52,6 +54,12 @@ from synapse_fastjoin.resync.keys import start_key_prefetch
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.storage.current_state import update_current_state
 from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
+from synapse_fastjoin.storage.state_groups import (
+    ChainItem,
+    ChainRef,
+    delete_unused_groups_txn,
+    store_state_group_chain_txn,
+)
 from synapse_fastjoin.resync.progress import (
     PHASE_CATCHUP,
     PHASE_DONE,
@@ -261,6 +269,7 @@ class _RoomResync:
         self._room_id = room_id
         self._progress = progress
         self._main = hs.get_datastores().main
+        self._state_groups = hs.get_datastores().state
         self._storage = hs.get_storage_controllers()
         self._clock = hs.get_clock()
         self._federation_handler = hs.get_federation_handler()
@@ -524,6 +533,16 @@ class _RoomResync:
         case of Synapse's compute_event_context, computed here without waiting
         for the previous event's write), and its auth is re-checked against it
         with Synapse's own `_check_event_auth`.
+
+        The state groups of the run's state events are written first, in one
+        transaction (`store_state_group_chain_txn`: the rows Synapse's
+        `store_state_group` writes), chained on the verdicts as they stand; a
+        changed verdict ends the run right after its event (see below), so
+        every event checked has the state its verdicts give, and the groups
+        written for state events after it are removed. Before the checks,
+        Synapse's caches are filled for the whole run at once: one read of
+        the run's auth events, and one of the auth state before each group's
+        first event.
         """
         in_run = {ev.event_id for ev in events}
         outside = {p for ev in events for p in ev.prev_event_ids()} - in_run
@@ -537,8 +556,12 @@ class _RoomResync:
                     usable, await_full_state=False
                 )
             )
+        # The plan: per event its state group before, and for a state event
+        # its own group (a group of the chain: -1 - its index). Stored groups
+        # are >= 0.
         after: dict[str, int] = {}
-        pending: list[tuple[EventBase, EventContext]] = []
+        chain: list[ChainItem] = []
+        plan: list[tuple[EventBase, int, int | None]] = []
         for event in events:
             before_groups = set()
             for prev in event.prev_event_ids():
@@ -550,15 +573,62 @@ class _RoomResync:
             if len(before_groups) != 1:
                 break
             (before,) = before_groups
+            own = None
             if event.is_state():
                 delta = {(event.type, event.state_key): event.event_id}
-                after_group = await self._storage.state.store_state_group(
-                    event.event_id,
-                    event.room_id,
-                    prev_group=before,
-                    delta_ids=delta,
-                    current_state_ids=None,
+                chain.append(
+                    (event.event_id, before if before >= 0 else ChainRef(-1 - before), delta)
                 )
+                own = -len(chain)
+                after[event.event_id] = before if event.rejected_reason is not None else own
+            else:
+                after[event.event_id] = before
+            plan.append((event, before, own))
+        if not plan:
+            return 0
+
+        written: list[int] = []
+        if chain:
+            written = await self._state_groups.db_pool.runInteraction(
+                "fastjoin_catch_up_state_groups",
+                store_state_group_chain_txn,
+                self._state_groups,
+                self._room_id,
+                chain,
+            )
+            if len(written) < len(chain):
+                # The next group is stored whole (its delta chain is at the
+                # limit): by Synapse, and the run ends with its event.
+                event_id, prev, delta = chain[len(written)]
+                prev_group = written[prev.index] if isinstance(prev, ChainRef) else prev
+                written.append(
+                    await self._storage.state.store_state_group(
+                        event_id,
+                        self._room_id,
+                        prev_group=prev_group,
+                        delta_ids=delta,
+                        current_state_ids=None,
+                    )
+                )
+                last = next(i for i, (ev, _, _) in enumerate(plan) if ev.event_id == event_id)
+                del plan[last + 1 :]
+
+        def group_of(ref: int) -> int:
+            return ref if ref >= 0 else written[-1 - ref]
+
+        await self._warm_auth_events([ev for ev, _, _ in plan])
+        warmed: set[int] = set()
+        pending: list[tuple[EventBase, EventContext]] = []
+        for index, (event, before_ref, own) in enumerate(plan):
+            before = group_of(before_ref)
+            if before not in warmed:
+                warmed.add(before)
+                await self._warm_state_before(
+                    before, [ev for ev, b, _ in plan[index:] if b == before_ref]
+                )
+            if own is not None:
+                after_group = group_of(own)
+                delta = {(event.type, event.state_key): event.event_id}
                 context = EventContext.with_state(
                     storage=self._storage,
                     state_group=after_group,
@@ -578,17 +648,21 @@ class _RoomResync:
                 )
             with nested_logging_context(suffix=event.event_id):
                 await self._federation_event_handler._check_event_auth(None, event, context)
-            after[event.event_id] = (
-                context.state_group_before_event if context.rejected else context.state_group
-            )
             pending.append((event, context))
             if self._note_rejection_flip(event, context):
                 # The run's writes come at its end: a later event whose auth
                 # events include this one would be checked against its old
-                # rejection status. End the run here.
+                # rejection status, and its state group was chained on it.
+                # End the run here.
                 break
-        if not pending:
-            return 0
+        unused = [group_of(own) for _, _, own in plan[len(pending) :] if own is not None]
+        if unused:
+            await self._state_groups.db_pool.runInteraction(
+                "fastjoin_catch_up_unused_state_groups",
+                delete_unused_groups_txn,
+                self._state_groups,
+                unused,
+            )
         self._progress.set_phase(PHASE_CATCHUP)
         store = self._main
         async with store._un_partial_stated_events_stream_id_gen.get_next_mult(
@@ -608,6 +682,28 @@ class _RoomResync:
         self._notifier.notify_replication()
         self._progress.catchup_done += len(pending)
         return len(pending)
+
+    async def _warm_auth_events(self, events: list[EventBase]) -> None:
+        """Synapse's event cache holds the auth events of `events` (one read
+        for all: `_check_event_auth` then finds each event's in the cache)."""
+        auth_ids = {a for ev in events for a in ev.auth_event_ids()}
+        if auth_ids:
+            await self._main.get_events(auth_ids, allow_rejected=True)
+
+    async def _warm_state_before(self, group: int, events: list[EventBase]) -> None:
+        """Synapse's state-group cache holds the auth state of `events` in
+        `group` (their state before), and the event cache its events: one read
+        where `_check_event_auth` would read each event's own."""
+        types: set[tuple[str, str]] = set()
+        for ev in events:
+            types.update(auth_types_for_event(ev.room_version, ev))
+        if not types:
+            return
+        state = await self._storage.state.get_state_ids_for_group(
+            group, StateFilter.from_types(types)
+        )
+        if state:
+            await self._main.get_events(list(state.values()), allow_rejected=True)
 
     def _hold_partial_flags(self, events: list[EventBase]) -> None:
         """Before events are written as un-partial-stated: their cached

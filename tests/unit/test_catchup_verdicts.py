@@ -14,6 +14,10 @@ from synapse.events import EventBase, make_event_from_dict
 
 from synapse_fastjoin.resync.engine import _RoomResync
 from synapse_fastjoin.resync.progress import ResyncProgress
+from synapse_fastjoin.storage.state_groups import (
+    delete_unused_groups_txn,
+    store_state_group_chain_txn,
+)
 from tests.harness.sync_run import run
 
 V10 = RoomVersions.V10
@@ -43,6 +47,9 @@ def _event(depth: int, prev: list[str], member: str | None = None, rejected=None
 class FakeMain:
     def __init__(self) -> None:
         self.written: list[str] = []
+        self.warmed_events: set[str] = set()
+        # event id -> (state group before, state group after), as written.
+        self.groups: dict[str, tuple[int, int]] = {}
         # Flags cached as partial before the write (see _hold_partial_flags).
         self.held: set[str] = set()
         main = self
@@ -74,15 +81,27 @@ class FakeMain:
     async def get_partial_state_events(self, ids):
         return {i: False for i in ids}
 
+    async def get_events(self, ids, allow_rejected=False):
+        # The run's caches are filled before its checks (one read).
+        self.warmed_events.update(ids)
+        return {}
+
     def _update_state_for_partial_state_event_txn(self, txn, event, context, stream_id):
         # The partial flag must be cached before the write commits.
         assert event.event_id in self.held, event.event_id
         self.written.append(event.event_id)
+        self.groups[event.event_id] = (context.state_group_before_event, context._state_group)
 
 
 class FakeStateStorage:
     def __init__(self) -> None:
         self.next_group = 100
+        # Groups whose auth state was read ahead of the checks.
+        self.warmed: list[int] = []
+
+    async def get_state_ids_for_group(self, group, state_filter=None):
+        self.warmed.append(group)
+        return {}
 
     async def get_state_group_for_events(self, ids, await_full_state=True):
         return {i: 1 for i in ids}
@@ -98,6 +117,31 @@ class FakeStateStorage:
 class FakeStorage:
     def __init__(self) -> None:
         self.state = FakeStateStorage()
+
+
+class FakeStateGroups:
+    """The state-group store: a chain is written in one call, each group the
+    next id (Synapse's own `store_state_group` is FakeStateStorage's)."""
+
+    def __init__(self, state: FakeStateStorage) -> None:
+        self.chains: list[list] = []
+        self.deleted: list[int] = []
+        groups = self
+
+        class DbPool:
+            async def runInteraction(_self, desc: str, func: Any, store: Any, *args: Any) -> Any:  # noqa: N805
+                if func is store_state_group_chain_txn:
+                    _room, chain = args
+                    groups.chains.append(list(chain))
+                    ids = []
+                    for _ in chain:
+                        state.next_group += 1
+                        ids.append(state.next_group)
+                    return ids
+                assert func is delete_unused_groups_txn
+                groups.deleted.extend(args[0])
+
+        self.db_pool = DbPool()
 
 
 class FakeFederationEventHandler:
@@ -125,6 +169,8 @@ def _resync(flip: set[str]) -> tuple[_RoomResync, FakeMain, FakeFederationEventH
     handler = FakeFederationEventHandler(flip)
     r._main = main
     r._storage = FakeStorage()
+    r._state_groups = FakeStateGroups(r._storage.state)
+    r._room_id = ROOM
     r._federation_event_handler = handler
     r._notifier = FakeNotifier()
     r._progress = ResyncProgress(ROOM)
@@ -166,3 +212,59 @@ def test_a_message_whose_verdict_changed_names_no_user():
     r, main, _ = _resync(flip={events[0].event_id})
     assert run(r._catch_up_run(events)) == 1
     assert r._membership_flipped == set()
+
+
+def _chain_with_two_state_events(kick_rejected=None):
+    e1, kick, e3, _ = _chain(kick_rejected=kick_rejected)
+    later = _event(13, [e3.event_id], member="@frank:resident.test")
+    e5 = _event(14, [later.event_id])
+    return [e1, kick, e3, later, e5]
+
+
+def test_the_state_groups_of_a_run_are_written_as_one_chain():
+    events = _chain_with_two_state_events()
+    e1, kick, e3, later, e5 = events
+    r, main, _ = _resync(flip=set())
+    assert run(r._catch_up_run(events)) == 5
+    # One write of both groups: the second a delta over the first.
+    (chain,) = r._state_groups.chains
+    assert [(item[0], item[1] if isinstance(item[1], int) else ("ref", item[1].index)) for item in chain] == [
+        (kick.event_id, 1),
+        (later.event_id, ("ref", 0)),
+    ]
+    assert chain[1][2] == {("m.room.member", "@frank:resident.test"): later.event_id}
+    assert main.groups == {
+        e1.event_id: (1, 1),
+        kick.event_id: (1, 101),
+        e3.event_id: (101, 101),
+        later.event_id: (101, 102),
+        e5.event_id: (102, 102),
+    }
+    assert r._state_groups.deleted == []
+    # Caches filled once per run: every auth event, and the auth state
+    # before each group's first event.
+    assert r._storage.state.warmed == [1, 101, 102]
+
+
+def test_a_rejected_state_event_passes_its_state_on_unchanged():
+    events = _chain_with_two_state_events(kick_rejected="auth_error")
+    e1, kick, e3, later, e5 = events
+    r, main, _ = _resync(flip=set())
+    assert run(r._catch_up_run(events)) == 5
+    # The kick still gets its own group (as in Synapse), but the events after
+    # it have the state before it.
+    assert main.groups[kick.event_id] == (1, 101)
+    assert main.groups[e3.event_id] == (1, 1)
+    assert main.groups[later.event_id] == (1, 102)
+    assert r._state_groups.chains[0][1][1] == 1
+
+
+def test_groups_written_ahead_of_a_changed_verdict_are_removed():
+    # Full state accepts the kick the partial state rejected: the later
+    # state event's group was chained on the kick's rejection and is removed.
+    events = _chain_with_two_state_events(kick_rejected="auth_error")
+    e1, kick = events[:2]
+    r, main, handler = _resync(flip={kick.event_id})
+    assert run(r._catch_up_run(events)) == 2
+    assert main.written == [e1.event_id, kick.event_id]
+    assert r._state_groups.deleted == [102]
