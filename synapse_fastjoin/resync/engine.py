@@ -41,10 +41,10 @@ from synapse.logging.context import (
     make_deferred_yieldable,
     nested_logging_context,
 )
+from synapse.api.constants import EventTypes
 from synapse.event_auth import auth_types_for_event
 from synapse.state import StateResolutionStore
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
-from synapse.types.state import StateFilter
 from synapse.util.duration import Duration
 
 from synapse_fastjoin.handlers.device_lists import RemoteDeviceListCheck
@@ -58,6 +58,7 @@ from synapse_fastjoin.storage.state_groups import (
     ChainItem,
     ChainRef,
     delete_unused_groups_txn,
+    state_at_keys_txn,
     store_state_group_chain_txn,
 )
 from synapse_fastjoin.resync.progress import (
@@ -86,6 +87,26 @@ _RUN_LENGTH = 100
 # resync starts (see `_RoomResync.run`); smaller ones once /state_ids shows
 # `check_process_min_events` events to fetch.
 _BIG_ROOM_SERVERS = 200
+
+
+def _one_replication_poke(txn: Any, notifier: Any) -> None:
+    """Synapse's `_update_state_for_partial_state_event_txn` has the
+    transaction wake the replication listeners after it commits, once per
+    event (each wake starts the presence and user-directory handlers' checks
+    for new data); for a run written in one transaction, once is enough: all
+    the wakes would run in the same reactor turn, after the same commit,
+    and find the same data. The other callbacks are left as they are."""
+    poke = notifier.on_new_replication_data
+    kept = False
+    callbacks = []
+    for entry in txn.after_callbacks:
+        callback, args, kwargs = entry
+        if callback == poke and not args and not kwargs:
+            if kept:
+                continue
+            kept = True
+        callbacks.append(entry)
+    txn.after_callbacks[:] = callbacks
 
 
 class RoomLeft(Exception):
@@ -616,16 +637,10 @@ class _RoomResync:
         def group_of(ref: int) -> int:
             return ref if ref >= 0 else written[-1 - ref]
 
-        await self._warm_auth_events([ev for ev, _, _ in plan])
-        warmed: set[int] = set()
+        await self._warm_run(plan, chain, written)
         pending: list[tuple[EventBase, EventContext]] = []
-        for index, (event, before_ref, own) in enumerate(plan):
+        for event, before_ref, own in plan:
             before = group_of(before_ref)
-            if before not in warmed:
-                warmed.add(before)
-                await self._warm_state_before(
-                    before, [ev for ev, b, _ in plan[index:] if b == before_ref]
-                )
             if own is not None:
                 after_group = group_of(own)
                 delta = {(event.type, event.state_key): event.event_id}
@@ -674,6 +689,7 @@ class _RoomResync:
                     store._update_state_for_partial_state_event_txn(
                         txn, event, context, stream_id
                     )
+                _one_replication_poke(txn, self._notifier)
 
             self._hold_partial_flags([event for event, _ in pending])
             await store.db_pool.runInteraction("fastjoin_un_partial_state_events", write)
@@ -683,27 +699,65 @@ class _RoomResync:
         self._progress.catchup_done += len(pending)
         return len(pending)
 
-    async def _warm_auth_events(self, events: list[EventBase]) -> None:
-        """Synapse's event cache holds the auth events of `events` (one read
-        for all: `_check_event_auth` then finds each event's in the cache)."""
+    async def _warm_run(
+        self,
+        plan: list[tuple[EventBase, int, int | None]],
+        chain: list[ChainItem],
+        written: list[int],
+    ) -> None:
+        """Fill Synapse's caches for the checks of a run, so that
+        `_check_event_auth` finds there what it would otherwise read event by
+        event: the run's auth events (one read), and the state before each
+        event at the keys its auth needs (`auth_types_for_event`).
+
+        The state is read once, at the union of those keys, for the group
+        before the run's first event (`state_at_keys_txn`: only those rows);
+        each group of the run is a delta over the one before it, so its state
+        at those keys is that group's with its own delta applied. Both go into
+        Synapse's state-group caches as Synapse's own reads put them there:
+        the values found, every other key of the union known absent (its
+        cache sequence read before the read, as Synapse does)."""
+        events = [ev for ev, _, _ in plan]
         auth_ids = {a for ev in events for a in ev.auth_event_ids()}
+        keys: set[tuple[str, str]] = set()
+        for ev in events:
+            keys.update(auth_types_for_event(ev.room_version, ev))
+        first = plan[0][1]
+        assert first >= 0
+        store = self._state_groups
+        members_cache = store._state_group_members_cache
+        others_cache = store._state_group_cache
+        sequences = (members_cache.sequence, others_cache.sequence)
+        state = await store.db_pool.runInteraction(
+            "fastjoin_catch_up_auth_state", state_at_keys_txn, first, keys
+        )
+        by_group = {first: state}
+        for (_, prev, delta), group in zip(chain, written):
+            prev_group = written[prev.index] if isinstance(prev, ChainRef) else prev
+            at_prev = by_group.get(prev_group)
+            if at_prev is None:
+                continue
+            at_group = dict(at_prev)
+            at_group.update((k, v) for k, v in delta.items() if k in keys)
+            by_group[group] = at_group
+        member_keys = {k for k in keys if k[0] == EventTypes.Member}
+        other_keys = keys - member_keys
+        for group, at_group in by_group.items():
+            members_cache.update(
+                sequences[0],
+                key=group,
+                value={k: v for k, v in at_group.items() if k in member_keys},
+                fetched_keys=member_keys,
+            )
+            others_cache.update(
+                sequences[1],
+                key=group,
+                value={k: v for k, v in at_group.items() if k in other_keys},
+                fetched_keys=other_keys,
+            )
+            auth_ids.update(at_group.values())
         if auth_ids:
             await self._main.get_events(auth_ids, allow_rejected=True)
-
-    async def _warm_state_before(self, group: int, events: list[EventBase]) -> None:
-        """Synapse's state-group cache holds the auth state of `events` in
-        `group` (their state before), and the event cache its events: one read
-        where `_check_event_auth` would read each event's own."""
-        types: set[tuple[str, str]] = set()
-        for ev in events:
-            types.update(auth_types_for_event(ev.room_version, ev))
-        if not types:
-            return
-        state = await self._storage.state.get_state_ids_for_group(
-            group, StateFilter.from_types(types)
-        )
-        if state:
-            await self._main.get_events(list(state.values()), allow_rejected=True)
 
     def _hold_partial_flags(self, events: list[EventBase]) -> None:
         """Before events are written as un-partial-stated: their cached

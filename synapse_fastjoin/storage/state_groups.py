@@ -16,11 +16,12 @@ A group that would need a full copy of the state (its chain reaches
 the caller stores it with Synapse's `store_state_group`.
 """
 
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Collection, Sequence, Union
 
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.databases.state.store import MAX_STATE_DELTA_HOPS
 from synapse.types import StateMap
+from synapse.util.iterutils import batch_iter
 
 if TYPE_CHECKING:
     from synapse.storage.databases.state.store import StateGroupDataStore
@@ -37,6 +38,8 @@ class ChainRef:
     def __repr__(self) -> str:
         return f"ChainRef({self.index})"
 
+
+StateKey = tuple[str, str]
 
 # An item: (event id, previous group: a stored group or an earlier item, delta).
 ChainItem = tuple[str, Union[int, ChainRef], StateMap[str]]
@@ -105,3 +108,42 @@ def delete_unused_groups_txn(
         state_store.db_pool.simple_delete_many_txn(
             txn, table=table, column=column, values=list(groups), keyvalues={}
         )
+
+
+def state_at_keys_txn(
+    txn: LoggingTransaction, group: int, keys: Collection[StateKey]
+) -> dict[StateKey, str]:
+    """The state of `group` at `keys` (those it has): for each key the entry of
+    the nearest group on its delta chain that has one, as Synapse's
+    `_get_state_groups_from_groups_txn` reads it; but only the rows of those
+    keys, by the (state_group, type, state_key) index, where Synapse's read
+    (its filter widened to all non-member state) goes through every row of
+    each group on the chain, a whole room's state at the full group."""
+    found: dict[StateKey, str] = {}
+    wanted = sorted(set(keys))
+    next_group: int | None = group
+    while next_group is not None and wanted:
+        # One query per type, the state keys in a list: each a lookup in the
+        # (state_group, type, state_key) index (an OR of (type, state_key)
+        # pairs is not: SQLite scans the group's rows).
+        by_type: dict[str, list[str]] = {}
+        for typ, state_key in wanted:
+            by_type.setdefault(typ, []).append(state_key)
+        for typ, state_keys in by_type.items():
+            for batch in batch_iter(state_keys, 500):
+                marks = ",".join("?" for _ in batch)
+                txn.execute(
+                    "SELECT state_key, event_id FROM state_groups_state"
+                    f" WHERE state_group = ? AND type = ? AND state_key IN ({marks})",
+                    [next_group, typ, *batch],
+                )
+                for state_key, event_id in txn:
+                    found.setdefault((typ, state_key), event_id)
+        wanted = [k for k in wanted if k not in found]
+        txn.execute(
+            "SELECT prev_state_group FROM state_group_edges WHERE state_group = ?",
+            (next_group,),
+        )
+        row = txn.fetchone()
+        next_group = row[0] if row else None
+    return found

@@ -50,6 +50,21 @@ def _params() -> tuple[int, int, int]:
     return members, events, state_every
 
 
+def _txn_times() -> dict[str, tuple[int, float]]:
+    """Synapse's count and time of database transactions so far, by name."""
+    from synapse.storage.database import sql_txn_count, sql_txn_duration
+
+    counts = {
+        s.labels["desc"]: s.value for m in sql_txn_count.collect() for s in m.samples if s.name.endswith("_total")
+    }
+    return {
+        s.labels["desc"]: (int(counts.get(s.labels["desc"], 0)), s.value)
+        for m in sql_txn_duration.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+
+
 def _resync(hs, room_id: str) -> _RoomResync:
     r = object.__new__(_RoomResync)
     r._hs = hs
@@ -123,9 +138,25 @@ async def test_catch_up_rate(tmp_path) -> None:
 
     await un_partial_join(hs, scenario)
     r = _resync(hs, scenario.room_id)
+    txn_before = _txn_times()
+    profile = None
+    if os.environ.get("FASTJOIN_CATCHUP_PROFILE"):
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
     started = time.monotonic()
     await _catch_up(r)
     elapsed = time.monotonic() - started
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(os.environ["FASTJOIN_CATCHUP_PROFILE"])
+    txns = _txn_times()
+    spent = sorted(
+        ((desc, n - txn_before.get(desc, (0, 0.0))[0], t - txn_before.get(desc, (0, 0.0))[1]) for desc, (n, t) in txns.items()),
+        key=lambda x: -x[2],
+    )
+    txn_lines = "; ".join(f"{desc} {n}x {t:.2f}s" for desc, n, t in spent[:6] if n)
 
     main = hs.get_datastores().main
 
@@ -143,6 +174,7 @@ async def test_catch_up_rate(tmp_path) -> None:
         f"\ncatch-up: {members:,} members, {count:,} live events (state every {state_every or '-'}):"
         f" {count / elapsed:,.0f} events/s ({elapsed:.2f} s; {r._progress.catchup_done} in runs;"
         f" prepared in {prepared:.0f} s, live events persisted in {persisted:.0f} s)"
+        f"\n  database transactions of the catch-up: {txn_lines}"
     )
     assert left == 0
     assert rejected == 0

@@ -23,6 +23,7 @@ from synapse.storage.databases.state.store import MAX_STATE_DELTA_HOPS
 from synapse_fastjoin.storage.state_groups import (
     ChainRef,
     delete_unused_groups_txn,
+    state_at_keys_txn,
     store_state_group_chain_txn,
 )
 from tests.harness.outliers import make_homeserver
@@ -181,3 +182,33 @@ async def test_groups_written_ahead_and_not_used_are_removed(homeservers) -> Non
     store = ours.get_datastores().state
     await store.db_pool.runInteraction("test_delete", delete_unused_groups_txn, store, mine)
     assert await _tables(ours) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_state_at_some_keys_is_what_synapse_reads(homeservers) -> None:
+    """`state_at_keys_txn` (the catch-up's one read of the auth state before
+    a run) against Synapse's own read of the same groups and keys, uncached:
+    keys set in the full base group, changed on the chain, added on it, and
+    in no group at all."""
+    from synapse.types.state import StateFilter
+
+    ours = homeservers["ours"]
+    base = await _base(ours, hops=3)
+    mine = await _our_writes(ours, _chain(base))
+    store = ours.get_datastores().state
+    keys = {
+        ("m.room.create", ""),
+        ("m.room.power_levels", ""),
+        ("m.room.topic", ""),
+        ("m.room.third_party_invite", "x"),
+        *(_member(i) for i in range(12)),
+    }
+    for group in [base, *mine]:
+        theirs = await store._get_state_groups_from_groups(
+            [group], state_filter=StateFilter.from_types(keys)
+        )
+        got = await store.db_pool.runInteraction(
+            "test_state_at_keys", state_at_keys_txn, group, keys
+        )
+        assert got == {k: v for k, v in theirs[group].items() if k in keys}, group
+        assert ("m.room.third_party_invite", "x") not in got

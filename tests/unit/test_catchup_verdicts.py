@@ -16,6 +16,7 @@ from synapse_fastjoin.resync.engine import _RoomResync
 from synapse_fastjoin.resync.progress import ResyncProgress
 from synapse_fastjoin.storage.state_groups import (
     delete_unused_groups_txn,
+    state_at_keys_txn,
     store_state_group_chain_txn,
 )
 from tests.harness.sync_run import run
@@ -47,6 +48,8 @@ def _event(depth: int, prev: list[str], member: str | None = None, rejected=None
 class FakeMain:
     def __init__(self) -> None:
         self.written: list[str] = []
+        # Per write, the callbacks its transaction runs after it commits.
+        self.after_callbacks: list[list] = []
         self.warmed_events: set[str] = set()
         # event id -> (state group before, state group after), as written.
         self.groups: dict[str, tuple[int, int]] = {}
@@ -68,12 +71,22 @@ class FakeMain:
 
         self._un_partial_stated_events_stream_id_gen = IdGen()
 
+        class Txn:
+            def __init__(self) -> None:
+                self.after_callbacks: list = []
+
         class DbPool:
             async def runInteraction(self, desc: str, func: Any, *args: Any) -> Any:
-                return func(None, *args)
+                txn = Txn()
+                result = func(txn, *args)
+                main.after_callbacks.append([entry[0] for entry in txn.after_callbacks])
+                return result
 
         self.db_pool = DbPool()
         self.main = main
+
+    def flag_cleared(self, event_id: str) -> None:
+        pass
 
     async def have_events_in_timeline(self, ids):
         return {i for i in ids if i == "$stored"}
@@ -90,18 +103,15 @@ class FakeMain:
         # The partial flag must be cached before the write commits.
         assert event.event_id in self.held, event.event_id
         self.written.append(event.event_id)
+        # As Synapse's does: the replication listeners woken after the commit.
+        txn.after_callbacks.append((self.notifier.on_new_replication_data, (), {}))
+        txn.after_callbacks.append((self.flag_cleared, (event.event_id,), {}))
         self.groups[event.event_id] = (context.state_group_before_event, context._state_group)
 
 
 class FakeStateStorage:
     def __init__(self) -> None:
         self.next_group = 100
-        # Groups whose auth state was read ahead of the checks.
-        self.warmed: list[int] = []
-
-    async def get_state_ids_for_group(self, group, state_filter=None):
-        self.warmed.append(group)
-        return {}
 
     async def get_state_group_for_events(self, ids, await_full_state=True):
         return {i: 1 for i in ids}
@@ -119,13 +129,27 @@ class FakeStorage:
         self.state = FakeStateStorage()
 
 
+class FakeDictionaryCache:
+    def __init__(self) -> None:
+        self.sequence = 1
+        self.entries: dict[int, tuple[dict, set]] = {}
+
+    def update(self, sequence, key, value, fetched_keys=None) -> None:
+        assert sequence == self.sequence
+        self.entries[key] = (dict(value), set(fetched_keys))
+
+
 class FakeStateGroups:
     """The state-group store: a chain is written in one call, each group the
-    next id (Synapse's own `store_state_group` is FakeStateStorage's)."""
+    next id (Synapse's own `store_state_group` is FakeStateStorage's); the
+    auth state before a run is read once, for its first group."""
 
     def __init__(self, state: FakeStateStorage) -> None:
         self.chains: list[list] = []
         self.deleted: list[int] = []
+        self.read: list[tuple[int, set]] = []
+        self._state_group_members_cache = FakeDictionaryCache()
+        self._state_group_cache = FakeDictionaryCache()
         groups = self
 
         class DbPool:
@@ -138,6 +162,11 @@ class FakeStateGroups:
                         state.next_group += 1
                         ids.append(state.next_group)
                     return ids
+                if func is state_at_keys_txn:
+                    group, keys = store, args[0]
+                    groups.read.append((group, set(keys)))
+                    # Everyone is a member at the first group.
+                    return {k: f"$state-{k[1]}" for k in keys}
                 assert func is delete_unused_groups_txn
                 groups.deleted.extend(args[0])
 
@@ -162,6 +191,9 @@ class FakeNotifier:
     def notify_replication(self) -> None:
         pass
 
+    def on_new_replication_data(self) -> None:
+        pass
+
 
 def _resync(flip: set[str]) -> tuple[_RoomResync, FakeMain, FakeFederationEventHandler]:
     r = object.__new__(_RoomResync)
@@ -173,6 +205,7 @@ def _resync(flip: set[str]) -> tuple[_RoomResync, FakeMain, FakeFederationEventH
     r._room_id = ROOM
     r._federation_event_handler = handler
     r._notifier = FakeNotifier()
+    main.notifier = r._notifier
     r._progress = ResyncProgress(ROOM)
     r._membership_flipped = set()
     return r, main, handler
@@ -192,6 +225,11 @@ def test_a_run_without_changed_verdicts_is_written_whole():
     assert run(r._catch_up_run(events)) == 4
     assert main.written == [e.event_id for e in events]
     assert r._membership_flipped == set()
+    # The write wakes the replication listeners once, not once per event;
+    # every other callback stays.
+    (callbacks,) = main.after_callbacks
+    assert callbacks.count(r._notifier.on_new_replication_data) == 1
+    assert callbacks.count(main.flag_cleared) == 4
 
 
 def test_a_run_ends_after_an_event_whose_verdict_changed():
@@ -241,9 +279,22 @@ def test_the_state_groups_of_a_run_are_written_as_one_chain():
         e5.event_id: (102, 102),
     }
     assert r._state_groups.deleted == []
-    # Caches filled once per run: every auth event, and the auth state
-    # before each group's first event.
-    assert r._storage.state.warmed == [1, 101, 102]
+    # The auth state is read once, for the run's first group, at the auth
+    # keys of all its events; the run's own groups are that state with their
+    # deltas applied, and all three go into the state-group caches.
+    ((group, keys),) = r._state_groups.read
+    assert group == 1
+    assert ("m.room.member", CHARLIE) in keys and ("m.room.member", ELSIE) in keys
+    members = r._state_groups._state_group_members_cache.entries
+    assert sorted(members) == [1, 101, 102]
+    frank = ("m.room.member", "@frank:resident.test")
+    assert members[1][0][("m.room.member", ELSIE)] == f"$state-{ELSIE}"
+    assert members[101][0][("m.room.member", ELSIE)] == kick.event_id
+    assert members[102][0][("m.room.member", ELSIE)] == kick.event_id
+    assert members[102][0][frank] == later.event_id
+    assert all(fetched == members[1][1] for _, fetched in members.values())
+    # One read of the run's auth events and the state's events.
+    assert {kick.event_id, later.event_id} <= main.warmed_events
 
 
 def test_a_rejected_state_event_passes_its_state_on_unchanged():
