@@ -637,39 +637,58 @@ class _RoomResync:
         def group_of(ref: int) -> int:
             return ref if ref >= 0 else written[-1 - ref]
 
-        await self._warm_run(plan, chain, written)
         pending: list[tuple[EventBase, EventContext]] = []
-        for event, before_ref, own in plan:
-            before = group_of(before_ref)
-            if own is not None:
-                after_group = group_of(own)
-                delta = {(event.type, event.state_key): event.event_id}
-                context = EventContext.with_state(
-                    storage=self._storage,
-                    state_group=after_group,
-                    state_group_before_event=before,
-                    state_delta_due_to_event=delta,
-                    partial_state=False,
-                    state_group_deltas={(before, after_group): delta},
-                )
-            else:
-                context = EventContext.with_state(
-                    storage=self._storage,
-                    state_group=before,
-                    state_group_before_event=before,
-                    state_delta_due_to_event={},
-                    partial_state=False,
-                    state_group_deltas={},
-                )
-            with nested_logging_context(suffix=event.event_id):
-                await self._federation_event_handler._check_event_auth(None, event, context)
-            pending.append((event, context))
-            if self._note_rejection_flip(event, context):
-                # The run's writes come at its end: a later event whose auth
-                # events include this one would be checked against its old
-                # rejection status, and its state group was chained on it.
-                # End the run here.
-                break
+        try:
+            await self._warm_run(plan, chain, written)
+            for event, before_ref, own in plan:
+                before = group_of(before_ref)
+                if own is not None:
+                    after_group = group_of(own)
+                    delta = {(event.type, event.state_key): event.event_id}
+                    context = EventContext.with_state(
+                        storage=self._storage,
+                        state_group=after_group,
+                        state_group_before_event=before,
+                        state_delta_due_to_event=delta,
+                        partial_state=False,
+                        state_group_deltas={(before, after_group): delta},
+                    )
+                else:
+                    context = EventContext.with_state(
+                        storage=self._storage,
+                        state_group=before,
+                        state_group_before_event=before,
+                        state_delta_due_to_event={},
+                        partial_state=False,
+                        state_group_deltas={},
+                    )
+                with nested_logging_context(suffix=event.event_id):
+                    await self._federation_event_handler._check_event_auth(None, event, context)
+                pending.append((event, context))
+                if self._note_rejection_flip(event, context):
+                    # The run's writes come at its end: a later event whose auth
+                    # events include this one would be checked against its old
+                    # rejection status, and its state group was chained on it.
+                    # End the run here.
+                    break
+        except BaseException:
+            # Nothing refers to the groups written for this run yet.
+            if written:
+                try:
+                    await self._state_groups.db_pool.runInteraction(
+                        "fastjoin_catch_up_unused_state_groups",
+                        delete_unused_groups_txn,
+                        self._state_groups,
+                        written,
+                    )
+                except Exception:
+                    logger.warning(
+                        "Resync of %s: could not remove unused state groups %s",
+                        self._room_id,
+                        written,
+                        exc_info=True,
+                    )
+            raise
         unused = [group_of(own) for _, _, own in plan[len(pending) :] if own is not None]
         if unused:
             await self._state_groups.db_pool.runInteraction(

@@ -319,3 +319,23 @@ def test_groups_written_ahead_of_a_changed_verdict_are_removed():
     assert run(r._catch_up_run(events)) == 2
     assert main.written == [e1.event_id, kick.event_id]
     assert r._state_groups.deleted == [102]
+
+
+def test_a_check_that_fails_leaves_no_state_group_of_the_run():
+    events = _chain_with_two_state_events()
+    r, main, handler = _resync(flip=set())
+
+    async def fail_on_e3(origin, event, context):
+        if event.event_id == events[2].event_id:
+            raise RuntimeError("an auth event could not be loaded")
+        context.rejected = None
+
+    handler._check_event_auth = fail_on_e3
+    try:
+        run(r._catch_up_run(events))
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failure was swallowed")
+    assert main.written == []
+    assert sorted(r._state_groups.deleted) == [101, 102]
