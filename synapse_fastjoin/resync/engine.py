@@ -560,10 +560,11 @@ class _RoomResync:
         `store_state_group` writes), chained on the verdicts as they stand; a
         changed verdict ends the run right after its event (see below), so
         every event checked has the state its verdicts give, and the groups
-        written for state events after it are removed. Before the checks,
-        Synapse's caches are filled for the whole run at once: one read of
-        the run's auth events, and one of the auth state before each group's
-        first event.
+        written for state events after it are removed (all of them if a
+        check fails). Before the checks, Synapse's caches are filled for the
+        whole run at once (`_warm_run`): one read of the run's auth events,
+        and one of the auth state before its first event, from which that of
+        the run's own groups follows by their deltas.
         """
         in_run = {ev.event_id for ev in events}
         outside = {p for ev in events for p in ev.prev_event_ids()} - in_run

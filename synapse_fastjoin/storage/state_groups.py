@@ -14,6 +14,9 @@ previous group (it has exactly one edge, to it).
 A group that would need a full copy of the state (its chain reaches
 `MAX_STATE_DELTA_HOPS`) is not written here: the chain stops before it and
 the caller stores it with Synapse's `store_state_group`.
+
+Also the one read of the auth state before a catch-up run
+(`state_at_keys_txn`): a group's state at a few keys, by index.
 """
 
 from typing import TYPE_CHECKING, Collection, Sequence, Union
