@@ -40,6 +40,12 @@ class ResyncConfig:
     `update_current_state` writes, set-based); 0: Synapse's own
     `update_current_state`, one transaction for the whole room."""
 
+    sqlite_wal_autocheckpoint: int = 100_000
+    """On SQLite: while a resync runs, the write-ahead log is checkpointed
+    into the database once it holds this many pages (4 KiB each), instead of
+    SQLite's 1,000 (`storage/sqlite_wal.py`); put back, and checkpointed, when
+    the last resync ends. 0: SQLite's setting is left alone."""
+
     check_threads: int = 2
     """Worker threads for signature and hash checks."""
 
@@ -193,6 +199,7 @@ _RESYNC_PARSERS = {
     "persist_batch_size": lambda key, v: _int(key, v, 1),
     "bulk_writer": lambda key, v: _bool(key, v),
     "current_state_chunk_size": lambda key, v: _int(key, v, 0),
+    "sqlite_wal_autocheckpoint": lambda key, v: _int(key, v, 0),
     "check_threads": lambda key, v: _int(key, v, 1),
     "check_processes": lambda key, v: _int(key, v, 0),
     "check_process_min_events": lambda key, v: _int(key, v, 1),

@@ -287,6 +287,8 @@ def run_one(
         "variant": variant, "db": db, "members": spec.members, "servers": spec.servers,
         "traffic": traffic, "dead": dead, "kinds": kinds, "ok": False,
     }
+    if variant == "patched" and args.module_config:
+        result["module_config"] = json.loads(args.module_config)
     fake = FakeResidentProcess(
         spec, workdir / "fake", full_join_only=(variant == "stock-full"), python=sys.executable,
         dead_fraction=dead, dead_kinds=None if kinds in ("-", "mixed") else kinds.split("+"),
@@ -296,7 +298,13 @@ def run_one(
     profiler: Profiler | None = None
     try:
         fake.start()
-        config = merge_config(fake.trusted_key_servers_config(), MODULE if variant == "patched" else None)
+        module = MODULE
+        if variant == "patched" and args.module_config:
+            module = {"modules": [{
+                "module": MODULE["modules"][0]["module"],
+                "config": merge_config(MODULE["modules"][0]["config"], json.loads(args.module_config)),
+            }]}
+        config = merge_config(fake.trusted_key_servers_config(), module if variant == "patched" else None)
         joiner = SynapseServer(
             workdir / "joiner", variant="patched" if variant == "patched" else "stock", db=db,
             config=config, name=f"joiner-{variant}",
@@ -537,6 +545,9 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record the joiner with py-spy from the join until /members (raw stacks in DIR)")
     parser.add_argument("--keep", action="store_true", help="keep each run's data directory")
+    parser.add_argument("--module-config", metavar="JSON",
+                        help="merged into the patched joiner's module config, e.g."
+                        ' \'{"resync": {"persist_batch_size": 2000}}\'')
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="run nothing: combine the runs of earlier .json outputs into --out")
     args = parser.parse_args()

@@ -23,6 +23,15 @@ fetched. One that no server serves is tried `_MAX_ATTEMPTS` times, then
 counted as failed, with a warning: nothing is dropped silently. The admin API
 (room detail: `inbound_queue`), the log and the metrics say how many events
 were dropped, fetched again, are pending, and failed.
+
+Most events arrive at a queue far below its bound, and a database transaction
+per staged event (the bound check) would double what a live event costs while
+the engine is writing. So after a check finds the queue within its bound with
+no dropped event waiting, the next checks are answered from what that check
+and the arrivals counted since say (`_Headroom`): the queue cannot have grown
+by more than the events staged since. The database is asked again once half
+the headroom has been used, or after `_RECHECK_S` (other workers stage events
+too, and their arrivals are not counted here).
 """
 
 import logging
@@ -51,6 +60,8 @@ _MAX_ATTEMPTS = 5
 _RETRY_BASE_MS = 30_000
 # At most one "dropped" line per room this often.
 _LOG_INTERVAL_S = 10.0
+# A check answered from the last one is at most this old.
+_RECHECK_S = 5.0
 
 
 def _now_ms() -> int:
@@ -65,6 +76,18 @@ class InboundQueueStats:
         self.refetched = 0
         self.arrived = 0
         self.failed = 0
+
+
+class _Headroom:
+    """What the last bound check of a room found (within the bound, nothing
+    dropped, nothing waiting to be fetched again), and what was staged since."""
+
+    __slots__ = ("staged", "arrived", "checked_at")
+
+    def __init__(self, staged: int, checked_at: float) -> None:
+        self.staged = staged
+        self.arrived = 0
+        self.checked_at = checked_at
 
 
 class InboundQueue:
@@ -99,6 +122,16 @@ class InboundQueue:
         self._refilling: set[str] = set()
         # room -> (last "dropped" log time, dropped since that line)
         self._log_state: dict[str, tuple[float, int]] = {}
+        # Rooms whose last bound check needs no new one yet (see the module
+        # docstring).
+        self._headroom: dict[str, _Headroom] = {}
+        # room -> checks started: only the newest check's answer is kept.
+        self._check_seq: dict[str, int] = {}
+        self._monotonic = time.monotonic
+        # Bound checks made, and answered without the database (for tests
+        # and the debug log).
+        self.checks = 0
+        self.checks_skipped = 0
 
     async def startup(self) -> None:
         """After a restart: rooms with dropped events still to fetch again stay
@@ -146,10 +179,14 @@ class InboundQueue:
         if partial:
             self._protected.add(room_id)
         elif room_id not in self._protected:
+            self._forget(room_id)
             return True
-        dropped, staged, pending = await self._store.bound_inbound_queue(
-            room_id, self.limit, _now_ms()
-        )
+        # Processing an event only shortens the queue: while the room is
+        # partial, a check with room to spare needs no new one. (After the
+        # resync the check below also tells when Synapse takes over again.)
+        if partial and self._within_headroom(room_id, arriving=0):
+            return False
+        dropped, staged, pending = await self._check_bound(room_id)
         if dropped:
             self._note_dropped(room_id, dropped, staged, pending)
         if pending and self._room_for_refill(staged):
@@ -157,6 +194,7 @@ class InboundQueue:
         if not partial and staged < PRUNE_THRESHOLD and not pending:
             # Drained after the resync: Synapse's own handling again.
             self._protected.discard(room_id)
+            self._forget(room_id)
             return True
         return False
 
@@ -169,11 +207,55 @@ class InboundQueue:
             if not await self._main_store.is_partial_state_room(room_id):
                 return
             self._protected.add(room_id)
+        if self._within_headroom(room_id, arriving=1):
+            return
+        dropped, staged, pending = await self._check_bound(room_id)
+        if dropped:
+            self._note_dropped(room_id, dropped, staged, pending)
+
+    def _within_headroom(self, room_id: str, arriving: int) -> bool:
+        """Whether the room's queue is known to be within its bound with no
+        dropped event waiting, after `arriving` more staged events (counted),
+        without asking the database."""
+        known = self._headroom.get(room_id)
+        if known is None:
+            return False
+        if self._monotonic() - known.checked_at > _RECHECK_S:
+            return False
+        if self.limit and known.arrived + arriving > (self.limit - known.staged) // 2:
+            return False
+        known.arrived += arriving
+        self.checks_skipped += 1
+        return True
+
+    async def _check_bound(self, room_id: str) -> tuple[int, int, int]:
+        """Bound the room's queue (storage/inbound.py `bound_queue_txn`) and
+        remember whether the next checks can be answered without it."""
+        # The time is taken before the check: arrivals counted from here on
+        # may or may not be in its count, never missing from both.
+        started = self._monotonic()
+        self._headroom.pop(room_id, None)
+        seq = self._check_seq.get(room_id, 0) + 1
+        self._check_seq[room_id] = seq
+        self.checks += 1
         dropped, staged, pending = await self._store.bound_inbound_queue(
             room_id, self.limit, _now_ms(), quick=True
         )
-        if dropped:
-            self._note_dropped(room_id, dropped, staged, pending)
+        if (
+            self._check_seq.get(room_id) == seq
+            and not dropped
+            and not pending
+            and (not self.limit or staged < self.limit)
+        ):
+            # (A check started after this one may have counted events this
+            # one did not, and they were not counted as arrivals: keep only
+            # the newest check's answer.)
+            self._headroom[room_id] = _Headroom(staged, started)
+        return dropped, staged, pending
+
+    def _forget(self, room_id: str) -> None:
+        self._headroom.pop(room_id, None)
+        self._check_seq.pop(room_id, None)
 
     def _room_for_refill(self, staged: int) -> bool:
         return not self.limit or staged <= self.limit // 2

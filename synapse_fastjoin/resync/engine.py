@@ -54,6 +54,7 @@ from synapse_fastjoin.resync.keys import start_key_prefetch
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.storage.current_state import update_current_state
 from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
+from synapse_fastjoin.storage.sqlite_wal import WalCheckpointHold
 from synapse_fastjoin.storage.state_groups import (
     ChainItem,
     ChainRef,
@@ -149,6 +150,9 @@ class ResyncEngine:
         reactor.addSystemEventTrigger("during", "shutdown", self._threadpool.stop)
         self.checkpool = CheckPool(reactor, config.check_processes)
         reactor.addSystemEventTrigger("before", "shutdown", self.checkpool.stop)
+        self._wal_hold = WalCheckpointHold(
+            hs.get_datastores().main.db_pool, config.sqlite_wal_autocheckpoint
+        )
 
     async def resync_room(
         self,
@@ -186,6 +190,7 @@ class ResyncEngine:
         running = _Running(run)
         self._running[room_id] = running
         try:
+            await self._wal_hold.enter()
             running.task = defer.ensureDeferred(run.run())
             try:
                 await running.task
@@ -199,6 +204,7 @@ class ResyncEngine:
             logger_call.stop()
             if self._running.get(room_id) is running:
                 del self._running[room_id]
+            await self._wal_hold.exit()
             if not running.aborted:
                 await run.log_and_checkpoint()
             self.progress.pop(room_id, None)

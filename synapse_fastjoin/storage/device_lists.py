@@ -13,8 +13,7 @@ from typing import Collection
 
 from synapse.storage.database import LoggingTransaction
 
-# Destinations per statement (well under SQLite's 999 variables).
-BATCH = 500
+from synapse_fastjoin.storage.sql import in_list_batches
 
 
 def hosts_with_device_change_txn(
@@ -38,11 +37,8 @@ def hosts_with_device_change_txn(
     if row is None or row[0] is None:
         return set()
     change = max(row[0], since_stream_id)
-    host_list = sorted(hosts)
     already: set[str] = set()
-    for i in range(0, len(host_list), BATCH):
-        batch = host_list[i : i + BATCH]
-        in_list = ",".join("?" * len(batch))
+    for batch, in_list in in_list_batches(sorted(hosts)):
         # Queued: by (destination, user_id), for these destinations only (a
         # range on stream_id would read every server's pokes since the change,
         # and SQLite scanned the whole table for the DISTINCT).
@@ -68,13 +64,11 @@ def joined_among_txn(txn: LoggingTransaction, room_id: str, user_ids: Collection
     key of `current_state_events`: a lookup per user, whatever the room's
     size)."""
     joined: set[str] = set()
-    users = sorted(user_ids)
-    for i in range(0, len(users), BATCH):
-        batch = users[i : i + BATCH]
+    for batch, in_list in in_list_batches(sorted(user_ids)):
         txn.execute(
             "SELECT state_key FROM current_state_events"
             " WHERE room_id = ? AND type = 'm.room.member' AND membership = 'join'"
-            f" AND state_key IN ({','.join('?' * len(batch))})",
+            f" AND state_key IN ({in_list})",
             (room_id, *batch),
         )
         joined.update(r[0] for r in txn)

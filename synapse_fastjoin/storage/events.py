@@ -3,14 +3,14 @@
 from typing import Collection
 
 from synapse.storage.database import LoggingTransaction
-from synapse.util.iterutils import batch_iter
+
+from synapse_fastjoin.storage.sql import in_list_batches
 
 
 def stored_event_ids_txn(txn: LoggingTransaction, event_ids: Collection[str]) -> list[str]:
     """Which of `event_ids` are in the events table (one query per 1,000)."""
     found: list[str] = []
-    for batch in batch_iter(list(event_ids), 1000):
-        placeholders = ",".join("?" for _ in batch)
+    for batch, placeholders in in_list_batches(event_ids, 1000):
         txn.execute(f"SELECT event_id FROM events WHERE event_id IN ({placeholders})", batch)
         found.extend(row[0] for row in txn)
     return found

@@ -6,8 +6,7 @@ from typing import Collection
 
 from synapse.storage.database import LoggingTransaction
 
-# Servers per statement (well under SQLite's bound-variable limit).
-BATCH = 500
+from synapse_fastjoin.storage.sql import in_list_batches
 
 
 def servers_with_keys_valid_until_txn(
@@ -17,12 +16,10 @@ def servers_with_keys_valid_until_txn(
     least until `valid_until_ms` (by the table's unique (server_name, key_id,
     from_server) index)."""
     found: set[str] = set()
-    names = sorted(servers)
-    for i in range(0, len(names), BATCH):
-        batch = names[i : i + BATCH]
+    for batch, in_list in in_list_batches(sorted(servers)):
         txn.execute(
             "SELECT DISTINCT server_name FROM server_keys_json"
-            f" WHERE server_name IN ({','.join('?' * len(batch))}) AND ts_valid_until_ms >= ?",
+            f" WHERE server_name IN ({in_list}) AND ts_valid_until_ms >= ?",
             (*batch, valid_until_ms),
         )
         found.update(r[0] for r in txn)

@@ -4,7 +4,8 @@
 from typing import Collection, Mapping
 
 from synapse.storage.database import LoggingTransaction
-from synapse.util.iterutils import batch_iter
+
+from synapse_fastjoin.storage.sql import in_list_batches
 
 # (good_count, fail_count, last_good_ts, last_fail_ts)
 ServerRecord = tuple[int, int, int | None, int | None]
@@ -48,13 +49,12 @@ def get_servers_in_backoff_txn(txn: LoggingTransaction, servers: Collection[str]
     them (a non-zero `retry_interval` in its `destinations` table; Synapse
     resets it on the first success), whether or not its backoff has run out."""
     out: list[str] = []
-    for batch in batch_iter(list(servers), 500):
-        placeholders = ",".join("?" for _ in batch)
+    for batch, placeholders in in_list_batches(servers):
         txn.execute(
             "SELECT destination FROM destinations"
             f" WHERE destination IN ({placeholders})"
             " AND retry_interval > 0",
-            tuple(batch),
+            batch,
         )
         out.extend(row[0] for row in txn.fetchall())
     return out

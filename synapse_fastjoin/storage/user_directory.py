@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.databases.main.user_directory import _filter_text_for_index, _UserDirProfile
 from synapse.storage.engines import Sqlite3Engine
-from synapse.util.iterutils import batch_iter
+
+from synapse_fastjoin.storage.sql import in_list_batches
 
 
 def update_profiles_in_user_dir_txn(
@@ -54,10 +55,9 @@ def update_profiles_in_user_dir_txn(
         for p in profiles
     }
     existing: set[str] = set()
-    for group in batch_iter(list(values), 500):
+    for group, in_list in in_list_batches(values):
         txn.execute(
-            "SELECT DISTINCT user_id FROM user_directory_search WHERE user_id IN (%s)"
-            % ",".join("?" * len(group)),
+            f"SELECT DISTINCT user_id FROM user_directory_search WHERE user_id IN ({in_list})",
             group,
         )
         existing.update(row[0] for row in txn.fetchall())

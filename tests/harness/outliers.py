@@ -16,7 +16,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attr
@@ -33,8 +34,42 @@ from synapse.storage.engines import PostgresEngine
 from tests.harness import inprocess
 from tests.harness.fakehs.events import finalise_event
 from tests.harness.fakehs.room import ORIGIN, Room, RoomSpec, StoredEvent, load_or_generate
+from tests.harness.postgres import PostgresAdmin
 
 EventPair = tuple[EventBase, EventContext]
+
+
+@contextmanager
+def homeservers_on_fresh_databases(
+    names: Sequence[str],
+    db_backend: str,
+    tmp_path_factory: Any,
+    postgres_admin: PostgresAdmin | None,
+    server_name: Callable[[str], str],
+) -> Iterator[dict[str, SynapseHomeServer]]:
+    """Real HomeServers named `names` (for a parity test: one runs Synapse's
+    path, the others ours), each on a fresh database of `db_backend` (a
+    PostgreSQL database made with `postgres_admin`, or a SQLite file), closed
+    and dropped afterwards."""
+    made: dict[str, SynapseHomeServer] = {}
+    databases: list[str] = []
+    try:
+        for name in names:
+            data_dir = str(tmp_path_factory.mktemp(f"{name}-{db_backend}"))
+            if postgres_admin is not None:
+                db = postgres_admin.create_database(name)
+                databases.append(db.name)
+                database: dict[str, Any] = {"name": "psycopg2", "args": db.synapse_args}
+            else:
+                database = {"name": "sqlite3", "args": {"database": f"{data_dir}/hs.db"}}
+            made[name] = make_homeserver(data_dir, database, server_name=server_name(name))
+        yield made
+    finally:
+        for hs in made.values():
+            hs.get_datastores().main.db_pool._db_pool.close()
+        if postgres_admin is not None:
+            for db_name in databases:
+                postgres_admin.drop_database(db_name)
 
 
 def make_homeserver(data_dir: str, database: dict[str, Any], server_name: str = "joiner.test") -> SynapseHomeServer:

@@ -43,7 +43,7 @@ from tests.harness.outliers import (
     Workload,
     dump_tables,
     event_pairs,
-    make_homeserver,
+    homeservers_on_fresh_databases,
     outlier_workload,
     store_room,
 )
@@ -81,25 +81,10 @@ def homeservers(
 ) -> Iterator[dict[str, SynapseHomeServer]]:
     """Two fresh HomeServers, "synapse" and "bulk", each on its own database."""
     admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    made: dict[str, SynapseHomeServer] = {}
-    databases: list[str] = []
-    try:
-        for name in ("synapse", "bulk"):
-            data_dir = str(tmp_path_factory.mktemp(f"bulk-{name}-{db_backend}"))
-            if admin is not None:
-                db = admin.create_database(f"bulk_{name}")
-                databases.append(db.name)
-                database: dict[str, Any] = {"name": "psycopg2", "args": db.synapse_args}
-            else:
-                database = {"name": "sqlite3", "args": {"database": f"{data_dir}/hs.db"}}
-            made[name] = make_homeserver(data_dir, database, server_name=f"{name}.test")
+    with homeservers_on_fresh_databases(
+        ("synapse", "bulk"), db_backend, tmp_path_factory, admin, server_name=lambda name: f"{name}.test"
+    ) as made:
         yield made
-    finally:
-        for hs in made.values():
-            hs.get_datastores().main.db_pool._db_pool.close()
-        if admin is not None:
-            for name in databases:
-                admin.drop_database(name)
 
 
 def _event_ids(workload: Workload) -> list[str]:

@@ -61,6 +61,8 @@ def test_resync_block_defaults_and_overrides():
     assert (config.resync.engine, config.resync.chunk_size, config.resync.check_threads) == (False, 200, 4)
     assert config.resync.persist_batch_size == 500  # untouched keys keep their defaults
     assert parse_config({"resync": {"check_processes": 0}}).resync.check_processes == 0
+    assert parse_config({}).resync.sqlite_wal_autocheckpoint == 100_000
+    assert parse_config({"resync": {"sqlite_wal_autocheckpoint": 0}}).resync.sqlite_wal_autocheckpoint == 0
 
 
 @pytest.mark.parametrize(
@@ -73,6 +75,8 @@ def test_resync_block_defaults_and_overrides():
         ({"resync": {"check_processes": "auto"}}, "resync.check_processes"),
         ({"resync": {"check_process_min_events": 0}}, "resync.check_process_min_events"),
         ({"resync": {"engine": "on"}}, "resync.engine"),
+        ({"resync": {"sqlite_wal_autocheckpoint": -1}}, "resync.sqlite_wal_autocheckpoint"),
+        ({"resync": {"sqlite_wal_autocheckpoint": "big"}}, "resync.sqlite_wal_autocheckpoint"),
         ({"resync": {"backoff_initial_seconds": 60, "backoff_max_seconds": 10}}, "resync.backoff_max_seconds"),
         ({"resync": ["engine"]}, "mapping"),
         ({"resync": {"inbound_queue_limit": 99}}, "resync.inbound_queue_limit"),

@@ -33,7 +33,7 @@ from synapse.app.homeserver import SynapseHomeServer
 
 from synapse_fastjoin.storage.current_state import update_current_state
 from tests.harness.endsteps import join_scenario, prepare_partial_join, un_partial_join
-from tests.harness.outliers import dump_tables, make_homeserver
+from tests.harness.outliers import dump_tables, homeservers_on_fresh_databases
 from tests.harness.postgres import PostgresAdmin
 
 SERVER = "joiner.test"
@@ -57,25 +57,10 @@ def homeservers(
 ) -> Iterator[dict[str, SynapseHomeServer]]:
     """Two fresh HomeServers of the same name, "synapse" and "ours", each on its own database."""
     admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    made: dict[str, SynapseHomeServer] = {}
-    databases: list[str] = []
-    try:
-        for name in ("synapse", "ours"):
-            data_dir = str(tmp_path_factory.mktemp(f"current-state-{name}-{db_backend}"))
-            if admin is not None:
-                db = admin.create_database(f"current_state_{name}")
-                databases.append(db.name)
-                database: dict[str, Any] = {"name": "psycopg2", "args": db.synapse_args}
-            else:
-                database = {"name": "sqlite3", "args": {"database": f"{data_dir}/hs.db"}}
-            made[name] = make_homeserver(data_dir, database, server_name=SERVER)
+    with homeservers_on_fresh_databases(
+        ("synapse", "ours"), db_backend, tmp_path_factory, admin, server_name=lambda _: SERVER
+    ) as made:
         yield made
-    finally:
-        for hs in made.values():
-            hs.get_datastores().main.db_pool._db_pool.close()
-        if admin is not None:
-            for name in databases:
-                admin.drop_database(name)
 
 
 def _canonical(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[Any]]:
