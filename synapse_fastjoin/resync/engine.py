@@ -41,6 +41,8 @@ from synapse.logging.context import (
     make_deferred_yieldable,
     nested_logging_context,
 )
+from synapse.api.constants import EventTypes
+from synapse.event_auth import auth_types_for_event
 from synapse.state import StateResolutionStore
 from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 from synapse.util.duration import Duration
@@ -53,6 +55,13 @@ from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.storage.current_state import update_current_state
 from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
 from synapse_fastjoin.storage.sqlite_wal import WalCheckpointHold
+from synapse_fastjoin.storage.state_groups import (
+    ChainItem,
+    ChainRef,
+    delete_unused_groups_txn,
+    state_at_keys_txn,
+    store_state_group_chain_txn,
+)
 from synapse_fastjoin.resync.progress import (
     PHASE_CATCHUP,
     PHASE_DONE,
@@ -79,6 +88,26 @@ _RUN_LENGTH = 100
 # resync starts (see `_RoomResync.run`); smaller ones once /state_ids shows
 # `check_process_min_events` events to fetch.
 _BIG_ROOM_SERVERS = 200
+
+
+def _one_replication_poke(txn: Any, notifier: Any) -> None:
+    """Synapse's `_update_state_for_partial_state_event_txn` has the
+    transaction wake the replication listeners after it commits, once per
+    event (each wake starts the presence and user-directory handlers' checks
+    for new data); for a run written in one transaction, once is enough: all
+    the wakes would run in the same reactor turn, after the same commit,
+    and find the same data. The other callbacks are left as they are."""
+    poke = notifier.on_new_replication_data
+    kept = False
+    callbacks = []
+    for entry in txn.after_callbacks:
+        callback, args, kwargs = entry
+        if callback == poke and not args and not kwargs:
+            if kept:
+                continue
+            kept = True
+        callbacks.append(entry)
+    txn.after_callbacks[:] = callbacks
 
 
 class RoomLeft(Exception):
@@ -267,6 +296,7 @@ class _RoomResync:
         self._room_id = room_id
         self._progress = progress
         self._main = hs.get_datastores().main
+        self._state_groups = hs.get_datastores().state
         self._storage = hs.get_storage_controllers()
         self._clock = hs.get_clock()
         self._federation_handler = hs.get_federation_handler()
@@ -530,6 +560,17 @@ class _RoomResync:
         case of Synapse's compute_event_context, computed here without waiting
         for the previous event's write), and its auth is re-checked against it
         with Synapse's own `_check_event_auth`.
+
+        The state groups of the run's state events are written first, in one
+        transaction (`store_state_group_chain_txn`: the rows Synapse's
+        `store_state_group` writes), chained on the verdicts as they stand; a
+        changed verdict ends the run right after its event (see below), so
+        every event checked has the state its verdicts give, and the groups
+        written for state events after it are removed (all of them if a
+        check fails). Before the checks, Synapse's caches are filled for the
+        whole run at once (`_warm_run`): one read of the run's auth events,
+        and one of the auth state before its first event, from which that of
+        the run's own groups follows by their deltas.
         """
         in_run = {ev.event_id for ev in events}
         outside = {p for ev in events for p in ev.prev_event_ids()} - in_run
@@ -543,8 +584,12 @@ class _RoomResync:
                     usable, await_full_state=False
                 )
             )
+        # The plan: per event its state group before, and for a state event
+        # its own group (a group of the chain: -1 - its index). Stored groups
+        # are >= 0.
         after: dict[str, int] = {}
-        pending: list[tuple[EventBase, EventContext]] = []
+        chain: list[ChainItem] = []
+        plan: list[tuple[EventBase, int, int | None]] = []
         for event in events:
             before_groups = set()
             for prev in event.prev_event_ids():
@@ -556,45 +601,109 @@ class _RoomResync:
             if len(before_groups) != 1:
                 break
             (before,) = before_groups
+            own = None
             if event.is_state():
                 delta = {(event.type, event.state_key): event.event_id}
-                after_group = await self._storage.state.store_state_group(
-                    event.event_id,
-                    event.room_id,
-                    prev_group=before,
-                    delta_ids=delta,
-                    current_state_ids=None,
+                chain.append(
+                    (event.event_id, before if before >= 0 else ChainRef(-1 - before), delta)
                 )
-                context = EventContext.with_state(
-                    storage=self._storage,
-                    state_group=after_group,
-                    state_group_before_event=before,
-                    state_delta_due_to_event=delta,
-                    partial_state=False,
-                    state_group_deltas={(before, after_group): delta},
-                )
+                own = -len(chain)
+                after[event.event_id] = before if event.rejected_reason is not None else own
             else:
-                context = EventContext.with_state(
-                    storage=self._storage,
-                    state_group=before,
-                    state_group_before_event=before,
-                    state_delta_due_to_event={},
-                    partial_state=False,
-                    state_group_deltas={},
-                )
-            with nested_logging_context(suffix=event.event_id):
-                await self._federation_event_handler._check_event_auth(None, event, context)
-            after[event.event_id] = (
-                context.state_group_before_event if context.rejected else context.state_group
-            )
-            pending.append((event, context))
-            if self._note_rejection_flip(event, context):
-                # The run's writes come at its end: a later event whose auth
-                # events include this one would be checked against its old
-                # rejection status. End the run here.
-                break
-        if not pending:
+                after[event.event_id] = before
+            plan.append((event, before, own))
+        if not plan:
             return 0
+
+        written: list[int] = []
+        if chain:
+            written = await self._state_groups.db_pool.runInteraction(
+                "fastjoin_catch_up_state_groups",
+                store_state_group_chain_txn,
+                self._state_groups,
+                self._room_id,
+                chain,
+            )
+            if len(written) < len(chain):
+                # The next group is stored whole (its delta chain is at the
+                # limit): by Synapse, and the run ends with its event.
+                event_id, prev, delta = chain[len(written)]
+                prev_group = written[prev.index] if isinstance(prev, ChainRef) else prev
+                written.append(
+                    await self._storage.state.store_state_group(
+                        event_id,
+                        self._room_id,
+                        prev_group=prev_group,
+                        delta_ids=delta,
+                        current_state_ids=None,
+                    )
+                )
+                last = next(i for i, (ev, _, _) in enumerate(plan) if ev.event_id == event_id)
+                del plan[last + 1 :]
+
+        def group_of(ref: int) -> int:
+            return ref if ref >= 0 else written[-1 - ref]
+
+        pending: list[tuple[EventBase, EventContext]] = []
+        try:
+            await self._warm_run(plan, chain, written)
+            for event, before_ref, own in plan:
+                before = group_of(before_ref)
+                if own is not None:
+                    after_group = group_of(own)
+                    delta = {(event.type, event.state_key): event.event_id}
+                    context = EventContext.with_state(
+                        storage=self._storage,
+                        state_group=after_group,
+                        state_group_before_event=before,
+                        state_delta_due_to_event=delta,
+                        partial_state=False,
+                        state_group_deltas={(before, after_group): delta},
+                    )
+                else:
+                    context = EventContext.with_state(
+                        storage=self._storage,
+                        state_group=before,
+                        state_group_before_event=before,
+                        state_delta_due_to_event={},
+                        partial_state=False,
+                        state_group_deltas={},
+                    )
+                with nested_logging_context(suffix=event.event_id):
+                    await self._federation_event_handler._check_event_auth(None, event, context)
+                pending.append((event, context))
+                if self._note_rejection_flip(event, context):
+                    # The run's writes come at its end: a later event whose auth
+                    # events include this one would be checked against its old
+                    # rejection status, and its state group was chained on it.
+                    # End the run here.
+                    break
+        except BaseException:
+            # Nothing refers to the groups written for this run yet.
+            if written:
+                try:
+                    await self._state_groups.db_pool.runInteraction(
+                        "fastjoin_catch_up_unused_state_groups",
+                        delete_unused_groups_txn,
+                        self._state_groups,
+                        written,
+                    )
+                except Exception:
+                    logger.warning(
+                        "Resync of %s: could not remove unused state groups %s",
+                        self._room_id,
+                        written,
+                        exc_info=True,
+                    )
+            raise
+        unused = [group_of(own) for _, _, own in plan[len(pending) :] if own is not None]
+        if unused:
+            await self._state_groups.db_pool.runInteraction(
+                "fastjoin_catch_up_unused_state_groups",
+                delete_unused_groups_txn,
+                self._state_groups,
+                unused,
+            )
         self._progress.set_phase(PHASE_CATCHUP)
         store = self._main
         async with store._un_partial_stated_events_stream_id_gen.get_next_mult(
@@ -606,6 +715,7 @@ class _RoomResync:
                     store._update_state_for_partial_state_event_txn(
                         txn, event, context, stream_id
                     )
+                _one_replication_poke(txn, self._notifier)
 
             self._hold_partial_flags([event for event, _ in pending])
             await store.db_pool.runInteraction("fastjoin_un_partial_state_events", write)
@@ -614,6 +724,66 @@ class _RoomResync:
         self._notifier.notify_replication()
         self._progress.catchup_done += len(pending)
         return len(pending)
+
+    async def _warm_run(
+        self,
+        plan: list[tuple[EventBase, int, int | None]],
+        chain: list[ChainItem],
+        written: list[int],
+    ) -> None:
+        """Fill Synapse's caches for the checks of a run, so that
+        `_check_event_auth` finds there what it would otherwise read event by
+        event: the run's auth events (one read), and the state before each
+        event at the keys its auth needs (`auth_types_for_event`).
+
+        The state is read once, at the union of those keys, for the group
+        before the run's first event (`state_at_keys_txn`: only those rows);
+        each group of the run is a delta over the one before it, so its state
+        at those keys is that group's with its own delta applied. Both go into
+        Synapse's state-group caches as Synapse's own reads put them there:
+        the values found, every other key of the union known absent (its
+        cache sequence read before the read, as Synapse does)."""
+        events = [ev for ev, _, _ in plan]
+        auth_ids = {a for ev in events for a in ev.auth_event_ids()}
+        keys: set[tuple[str, str]] = set()
+        for ev in events:
+            keys.update(auth_types_for_event(ev.room_version, ev))
+        first = plan[0][1]
+        assert first >= 0
+        store = self._state_groups
+        members_cache = store._state_group_members_cache
+        others_cache = store._state_group_cache
+        sequences = (members_cache.sequence, others_cache.sequence)
+        state = await store.db_pool.runInteraction(
+            "fastjoin_catch_up_auth_state", state_at_keys_txn, first, keys
+        )
+        by_group = {first: state}
+        for (_, prev, delta), group in zip(chain, written):
+            prev_group = written[prev.index] if isinstance(prev, ChainRef) else prev
+            at_prev = by_group.get(prev_group)
+            if at_prev is None:
+                continue
+            at_group = dict(at_prev)
+            at_group.update((k, v) for k, v in delta.items() if k in keys)
+            by_group[group] = at_group
+        member_keys = {k for k in keys if k[0] == EventTypes.Member}
+        other_keys = keys - member_keys
+        for group, at_group in by_group.items():
+            members_cache.update(
+                sequences[0],
+                key=group,
+                value={k: v for k, v in at_group.items() if k in member_keys},
+                fetched_keys=member_keys,
+            )
+            others_cache.update(
+                sequences[1],
+                key=group,
+                value={k: v for k, v in at_group.items() if k in other_keys},
+                fetched_keys=other_keys,
+            )
+            auth_ids.update(at_group.values())
+        if auth_ids:
+            await self._main.get_events(auth_ids, allow_rejected=True)
 
     def _hold_partial_flags(self, events: list[EventBase]) -> None:
         """Before events are written as un-partial-stated: their cached
