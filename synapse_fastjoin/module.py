@@ -31,7 +31,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 9
+HOOKS_API_VERSION = 10
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -126,6 +126,7 @@ class FastJoinModule:
             presence_users_in_partial_rooms=self.presence.users_in_partial_rooms,
             auth_events_while_partial=self.provisional_rejections.auth_events_while_partial,
             user_directory_deltas=self.user_directory.handle_deltas,
+            joined_member_count=self.store.joined_member_count,
             on_inbound_event_staged=(
                 self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
             ),

@@ -14,6 +14,7 @@ from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
 
 from synapse_fastjoin.storage import inbound, servers
+from synapse_fastjoin.storage.member_counts import joined_member_count_txn
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,14 @@ class FastJoinStore:
     async def _interaction(self, desc: str, func: Callable[..., T], *args: Any) -> T:
         await self.ensure_schema()
         return await self._run(desc, func, *args)
+
+    async def joined_member_count(self, room_id: str) -> int:
+        """The room's joined members in its current state, from the count the
+        database keeps (storage/member_counts.py), for Synapse's
+        `get_number_joined_users_in_room` (patch 0022)."""
+        return await self._interaction(
+            "fastjoin_joined_member_count", joined_member_count_txn, room_id
+        )
 
     # Lifecycle, written by the hooks of the patch series.
 
