@@ -27,7 +27,9 @@ step that creates the triggers (one transaction; on PostgreSQL `CREATE
 TRIGGER` locks out writers to `current_state_events` until it commits, so no
 write falls between the fill and the triggers). `TRUNCATE` of
 `current_state_events` would bypass them; neither Synapse nor the module
-truncates it.
+truncates it. Should a trigger be dropped, the main process restores them all
+and fills the table again at its next start, and until then no process answers
+from the table (`joined_counts_kept_txn`): Synapse counts.
 """
 
 from synapse.storage.database import LoggingTransaction
@@ -147,6 +149,51 @@ def create_joined_counts_txn(txn: LoggingTransaction) -> None:
     for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
         txn.execute(statement)
     txn.execute(_FILL)
+
+
+_SQLITE_TRIGGER_NAMES = (
+    "fastjoin_joined_counts_insert",
+    "fastjoin_joined_counts_delete",
+    "fastjoin_joined_counts_update_old",
+    "fastjoin_joined_counts_update_new",
+)
+_POSTGRES_TRIGGER_NAMES = (
+    "fastjoin_joined_counts_insert",
+    "fastjoin_joined_counts_delete",
+    "fastjoin_joined_counts_update",
+)
+
+
+def joined_counts_kept_txn(txn: LoggingTransaction) -> bool:
+    """Whether every trigger that keeps the counts is on `current_state_events`
+    (if one was dropped, the counts may be stale)."""
+    if isinstance(txn.database_engine, PostgresEngine):
+        names = _POSTGRES_TRIGGER_NAMES
+        txn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'current_state_events'::regclass"
+            " AND tgenabled <> 'D'"
+        )
+    else:
+        names = _SQLITE_TRIGGER_NAMES
+        txn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+            " AND tbl_name = 'current_state_events'"
+        )
+    present = {row[0] for row in txn}
+    return all(name in present for name in names)
+
+
+def restore_joined_counts_txn(txn: LoggingTransaction) -> None:
+    """Create the table and its triggers again from scratch (the caller found a
+    trigger missing): what is left of them is dropped, the counts filled anew."""
+    postgres = isinstance(txn.database_engine, PostgresEngine)
+    for name in _POSTGRES_TRIGGER_NAMES if postgres else _SQLITE_TRIGGER_NAMES:
+        if postgres:
+            txn.execute(f"DROP TRIGGER IF EXISTS {name} ON current_state_events")
+        else:
+            txn.execute(f"DROP TRIGGER IF EXISTS {name}")
+    txn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    create_joined_counts_txn(txn)
 
 
 def joined_member_count_txn(txn: LoggingTransaction, room_id: str) -> int:

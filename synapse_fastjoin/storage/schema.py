@@ -12,7 +12,11 @@ from typing import Callable
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import Sqlite3Engine
 
-from synapse_fastjoin.storage.member_counts import create_joined_counts_txn
+from synapse_fastjoin.storage.member_counts import (
+    create_joined_counts_txn,
+    joined_counts_kept_txn,
+    restore_joined_counts_txn,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +163,12 @@ def prepare_schema_txn(txn: LoggingTransaction) -> int:
                 statement(txn)
             else:
                 txn.execute(statement)
+    if current >= 5 and not joined_counts_kept_txn(txn):
+        logger.warning(
+            "A trigger keeping fastjoin_room_joined_counts was dropped: creating them"
+            " again and counting every room's members anew"
+        )
+        restore_joined_counts_txn(txn)
     if row is None:
         txn.execute(
             "INSERT INTO fastjoin_schema_version (version) VALUES (?)", (SCHEMA_VERSION,)

@@ -14,7 +14,9 @@ UPDATE, as Synapse's background update does), and one room is purged. After
 each step every room's kept count must equal Synapse's count; and through the
 patch's hook, with the module's callback registered, the cached
 `get_number_joined_users_in_room` answers the same and is invalidated by the
-next membership change.
+next membership change. A dropped trigger makes the module leave the count
+to Synapse, and the main process's next start restores the triggers and
+counts anew.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pytest_twisted
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import make_event_from_dict
+from synapse.storage.engines import PostgresEngine
 
 from synapse_fastjoin.storage.member_counts import joined_member_count_txn
 from synapse_fastjoin.storage.schema import prepare_schema_txn
@@ -247,3 +250,26 @@ async def test_kept_counts_equal_synapse_count(homeserver: SynapseHomeServer) ->
         "count", "SELECT COUNT(*) FROM current_state_events WHERE room_id = ? AND membership = 'join'", room.room_id
     )
     assert rows[0][0] == before - 1
+
+    # A trigger dropped (by hand): the table goes stale, so the module must not
+    # answer from it; the main process's next start restores it all.
+    def drop_trigger(txn: Any) -> None:
+        if isinstance(txn.database_engine, PostgresEngine):
+            txn.execute("DROP TRIGGER fastjoin_joined_counts_delete ON current_state_events")
+        else:
+            txn.execute("DROP TRIGGER fastjoin_joined_counts_delete")
+
+    await store.db_pool.runInteraction("drop_trigger", drop_trigger)
+    room.member(f"@u107:{REMOTE}", "leave")
+    await _persist(hs, room)
+    store.get_number_joined_users_in_room.invalidate((room.room_id,))
+    # A worker (which does not upgrade the tables) sees it and leaves the count to Synapse.
+    worker = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=False)
+    assert await worker.joined_member_count(room.room_id) is None
+    assert await store.db_pool.runInteraction(
+        "kept_count", joined_member_count_txn, room.room_id
+    ) == before - 1  # stale: the leave was not counted
+    await store.db_pool.runInteraction("fastjoin_prepare_schema", prepare_schema_txn)
+    again = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=True)
+    assert await again.joined_member_count(room.room_id) == before - 2
+    await _assert_counts_equal(hs, ids)
