@@ -13,17 +13,23 @@ reads the room's whole current state, and uses of it only:
   membership can change the answer).
 
 So the map this returns (those keys, as they are in `current_state_events`)
-leads to the same answer as the whole map. It is read through Synapse's own
-`get_partial_filtered_current_state_ids` (per-key cache, invalidated with the
-room's current state). When Synapse's cache of the whole map holds the room,
+leads to the same answer as the whole map. When Synapse's cache of the whole
+map holds the room,
 this returns None and Synapse uses the cached map: a hit is never replaced by
-a database read.
+a database read. Keys in Synapse's per-key cache (`_get_current_state_event_id`,
+invalidated with the room's current state) are taken from it; the others are
+read one statement a key (storage/state_keys.py), which SQLite answers from
+the unique index where Synapse's batched read scans the room.
 """
 
 from synapse.api.constants import EventTypes
 from synapse.server import HomeServer
 from synapse.storage.databases.main import DataStore
-from synapse.types.state import StateFilter
+
+from synapse_fastjoin.storage.state_keys import current_state_event_ids_txn
+
+# A value no cache holds.
+_MISS = object()
 
 
 class MakeJoinState:
@@ -46,7 +52,19 @@ class MakeJoinState:
             (EventTypes.Member, user_id),
             *((EventTypes.Member, u) for u in local_users),
         ]
-        found = await self._store.get_partial_filtered_current_state_ids(
-            room_id, StateFilter.from_types(keys)
-        )
-        return dict(found)
+        per_key = self._store._get_current_state_event_id.cache  # type: ignore[attr-defined]
+        found: dict[tuple[str, str], str] = {}
+        missing: list[tuple[str, str]] = []
+        for key in dict.fromkeys(keys):
+            cached = per_key.get_immediate((room_id, key), _MISS, update_metrics=False)
+            if cached is _MISS:
+                missing.append(key)
+            elif cached is not None:
+                found[key] = cached
+        if missing:
+            found.update(
+                await self._store.db_pool.runInteraction(
+                    "fastjoin_make_join_state_ids", current_state_event_ids_txn, room_id, missing
+                )
+            )
+        return found
