@@ -18,6 +18,7 @@ from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.inbound_queue import InboundQueue
+from synapse_fastjoin.handlers.make_join import MakeJoinState
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
 from synapse_fastjoin.handlers.presence import PartialStatePresence
 from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
@@ -31,7 +32,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 9
+HOOKS_API_VERSION = 10
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -102,6 +103,7 @@ class FastJoinModule:
         # receives federation events).
         self.provisional_rejections = ProvisionalRejections(api._hs)
         self.user_directory = UserDirectoryBatcher()
+        self.make_join_state = MakeJoinState(api._hs)
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
@@ -126,6 +128,8 @@ class FastJoinModule:
             presence_users_in_partial_rooms=self.presence.users_in_partial_rooms,
             auth_events_while_partial=self.provisional_rejections.auth_events_while_partial,
             user_directory_deltas=self.user_directory.handle_deltas,
+            joined_member_count=self.store.joined_member_count,
+            make_join_state_ids=self.make_join_state.state_ids,
             on_inbound_event_staged=(
                 self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
             ),

@@ -7,15 +7,23 @@ SQL is plain enough to run unchanged on SQLite and PostgreSQL.
 """
 
 import logging
+from typing import Callable
 
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import Sqlite3Engine
 
+from synapse_fastjoin.storage.member_counts import (
+    create_joined_counts_txn,
+    joined_counts_kept_txn,
+    restore_joined_counts_txn,
+)
+
 logger = logging.getLogger(__name__)
 
 # SCHEMA_STEPS[n] brings the schema from version n to version n + 1. Append new
-# steps; never edit one that has shipped.
-SCHEMA_STEPS: list[list[str]] = [
+# steps; never edit one that has shipped. A step is SQL run unchanged on both
+# engines, or a `_txn` function where they differ.
+SCHEMA_STEPS: list[list[str | Callable[[LoggingTransaction], None]]] = [
     # 1: what Synapse does not record about partial-state joins.
     [
         """
@@ -98,6 +106,9 @@ SCHEMA_STEPS: list[list[str]] = [
         "CREATE INDEX fastjoin_inbound_dropped_state"
         " ON fastjoin_inbound_dropped (room_id, state, received_ts)",
     ],
+    # 5: each room's joined-member count, kept by triggers on
+    # current_state_events (storage/member_counts.py).
+    [create_joined_counts_txn],
 ]
 
 SCHEMA_VERSION = len(SCHEMA_STEPS)
@@ -148,7 +159,16 @@ def prepare_schema_txn(txn: LoggingTransaction) -> int:
     for version in range(current, SCHEMA_VERSION):
         logger.info("Upgrading synapse-fastjoin schema to version %d", version + 1)
         for statement in SCHEMA_STEPS[version]:
-            txn.execute(statement)
+            if callable(statement):
+                statement(txn)
+            else:
+                txn.execute(statement)
+    if current >= 5 and not joined_counts_kept_txn(txn):
+        logger.warning(
+            "A trigger keeping fastjoin_room_joined_counts was dropped: creating them"
+            " again and counting every room's members anew"
+        )
+        restore_joined_counts_txn(txn)
     if row is None:
         txn.execute(
             "INSERT INTO fastjoin_schema_version (version) VALUES (?)", (SCHEMA_VERSION,)

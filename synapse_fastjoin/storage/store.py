@@ -14,6 +14,10 @@ from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
 
 from synapse_fastjoin.storage import inbound, servers
+from synapse_fastjoin.storage.member_counts import (
+    joined_counts_kept_txn,
+    joined_member_count_txn,
+)
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
 
 logger = logging.getLogger(__name__)
@@ -84,6 +88,8 @@ class FastJoinStore:
         self._may_migrate = may_migrate
         self._schema_ready = False
         self._schema_lock = defer.DeferredLock()
+        # Whether the joined-member count triggers are there (checked once).
+        self._joined_counts_kept: bool | None = None
 
     async def ensure_schema(self) -> None:
         """Create or upgrade the module's tables, once per process. A failure is
@@ -108,6 +114,26 @@ class FastJoinStore:
     async def _interaction(self, desc: str, func: Callable[..., T], *args: Any) -> T:
         await self.ensure_schema()
         return await self._run(desc, func, *args)
+
+    async def joined_member_count(self, room_id: str) -> int | None:
+        """The room's joined members in its current state, from the count the
+        database keeps (storage/member_counts.py), for Synapse's
+        `get_number_joined_users_in_room` (patch 0022); None (Synapse counts)
+        if a trigger that keeps it is missing, as seen once per process."""
+        if self._joined_counts_kept is None:
+            self._joined_counts_kept = await self._interaction(
+                "fastjoin_joined_counts_kept", joined_counts_kept_txn
+            )
+            if not self._joined_counts_kept:
+                logger.warning(
+                    "fastjoin_room_joined_counts is not kept (a trigger is missing):"
+                    " Synapse counts rooms' members until the main process restarts"
+                )
+        if not self._joined_counts_kept:
+            return None
+        return await self._interaction(
+            "fastjoin_joined_member_count", joined_member_count_txn, room_id
+        )
 
     # Lifecycle, written by the hooks of the patch series.
 

@@ -15,6 +15,8 @@ the fake resident, finish the resync, and then answer partial and full
 `/send_join`s of new remote users; time and the server's peak RSS per answer
 are written to `docs/bench/resident-send-join.json` and `.md`.
 `FASTJOIN_RESIDENT_BENCH_VARIANTS=patched` measures one variant only;
+`FASTJOIN_RESIDENT_BENCH_KINDS=partial` measures partial joins only (each
+join's `/make_join` is measured too, from Synapse's access log);
 `FASTJOIN_RESIDENT_BENCH_BACKGROUND=0` turns off the updates of Synapse's user
 directory and room statistics (see docs/benchmarks.md: their work on the
 room's members after the resync shares the database with the measured joins);
@@ -218,14 +220,15 @@ _PROCESSED = re.compile(
 )
 
 
-async def _request_log(hs: Any, event_id: str) -> dict[str, float]:
-    """Synapse's own account of the /send_join of `event_id`: wall time,
+async def _request_log(hs: Any, event_id: str, endpoint: str = "send_join") -> dict[str, float]:
+    """Synapse's own account of the /send_join of `event_id` (or of another
+    `endpoint` whose path holds it: the /make_join of a user id): wall time,
     CPU time (user + system) and database transactions (time, count)."""
     needle = quote(event_id)
 
     def find() -> dict[str, float] | None:
         for line in reversed(hs.read_log().splitlines()):
-            if needle in line and "send_join" in line:
+            if needle in line and endpoint in line:
                 m = _PROCESSED.search(line)
                 if m:
                     return {
@@ -262,7 +265,10 @@ def _start_profile(pid: int, out: Path) -> subprocess.Popen:
 async def _measure(
     hs: Any, room_id: str, user_id: str, omit_members: bool, profile: Path | None = None
 ) -> dict[str, Any]:
+    make_started = time.monotonic()
     event, version = await make_join(hs, room_id, user_id)
+    make_seconds = time.monotonic() - make_started
+    make_log = await _request_log(hs, user_id, "make_join")
     _reset_peak(hs.pid)
     before = _rss_kib(hs.pid)
     spy = None
@@ -288,6 +294,7 @@ async def _measure(
         "seconds": seconds,
         **await _request_log(hs, _compute_event_id(room_version(version), body["event"])),
         "rss_growth_mib": (peak - before) / 1024,
+        "make_join": {"seconds": make_seconds, **make_log},
         "state": len(body["state"]),
         "auth_chain": len(body["auth_chain"]),
         "bytes": len(json.dumps(body)),
@@ -361,7 +368,8 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                     os.kill(hs.pid, signal.SIGHUP)
                 await _measure(hs, room_id, f"@warmup:{REMOTE}", True)
                 profile_dir = os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE")
-                for omit in (True, False):
+                kinds = os.environ.get("FASTJOIN_RESIDENT_BENCH_KINDS", "partial,full").split(",")
+                for omit in [k == "partial" for k in kinds]:
                     runs = [
                         await _measure(
                             hs, room_id, f"@{'p' if omit else 'f'}{i}:{REMOTE}", omit,
@@ -378,6 +386,11 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                             "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
                             "db_transactions": statistics.median(r["db_transactions"] for r in runs),
                             "rss_growth_mib": statistics.median(r["rss_growth_mib"] for r in runs),
+                            "db_seconds": statistics.median(r["db_seconds"] for r in runs),
+                            "make_join": {
+                                key: statistics.median(r["make_join"][key] for r in runs)
+                                for key in ("seconds", "cpu_seconds", "db_seconds", "db_transactions")
+                            },
                             "state": runs[-1]["state"],
                             "auth_chain": runs[-1]["auth_chain"],
                             "bytes": runs[-1]["bytes"],

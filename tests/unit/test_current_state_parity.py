@@ -18,6 +18,10 @@ orderings and times aside; the cache-invalidation stream (PostgreSQL), whose
 rows group the same invalidated members in a different order, by how many
 rows each cache got and the keys they name. The stream positions, the stream
 caches and what the state caches answer afterwards must be the same.
+
+Both servers have the module's tables, so the joined-member counts its
+triggers keep (storage/member_counts.py) are compared too, and must equal
+Synapse's `COUNT(*)` before and after.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import pytest_twisted
 from synapse.app.homeserver import SynapseHomeServer
 
 from synapse_fastjoin.storage.current_state import update_current_state
+from synapse_fastjoin.storage.member_counts import joined_member_count_txn
+from synapse_fastjoin.storage.schema import prepare_schema_txn
 from tests.harness.endsteps import join_scenario, prepare_partial_join, un_partial_join
 from tests.harness.outliers import dump_tables, homeservers_on_fresh_databases
 from tests.harness.postgres import PostgresAdmin
@@ -45,6 +51,7 @@ VOLATILE_COLUMNS = {"stream_ordering", "event_stream_ordering", "received_ts", "
 EXPECTED_TABLES = {
     "current_state_delta_stream",
     "current_state_events",
+    "fastjoin_room_joined_counts",
     "local_current_membership",
     "sliding_sync_joined_rooms",
     "sliding_sync_membership_snapshots",
@@ -101,9 +108,14 @@ async def _read_caches(hs: SynapseHomeServer, room_id: str, users: list[str]) ->
         "hosts": sorted(await store.get_current_hosts_in_room(room_id)),
         "joined_count": await store.get_number_joined_users_in_room(room_id),
         "member_counts": await store.get_member_counts(room_id),
+        "kept_joined_count": await store.db_pool.runInteraction(
+            "kept_joined_count", joined_member_count_txn, room_id
+        ),
         "state_ids": sorted((await store.get_partial_current_state_ids(room_id)).items()),
         "summary": sorted((k, v.count, list(v.members)) for k, v in (await store.get_room_summary(room_id)).items()),
     }
+    # No module callback here: get_number_joined_users_in_room is Synapse's COUNT(*).
+    assert out["kept_joined_count"] == out["joined_count"]
     for user in users:
         out[f"rooms_for {user}"] = sorted(await store.get_rooms_for_user(user))
         out[f"sliding {user}"] = repr(sorted((await store.get_sliding_sync_rooms_for_user_from_membership_snapshots(user)).items()))
@@ -124,6 +136,7 @@ async def test_chunked_current_state_writes_what_synapse_writes(
     chunks = 0
     streams: dict[str, list[bool]] = {}
     for name, hs in homeservers.items():
+        await hs.get_datastores().main.db_pool.runInteraction("fastjoin_prepare_schema", prepare_schema_txn)
         await prepare_partial_join(hs, scenario)
         await un_partial_join(hs, scenario)
         partial_answers = await _read_caches(hs, room_id, users)

@@ -1,0 +1,275 @@
+# Copyright (C) 2026 The synapse-fastjoin authors
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The joined-member counts kept by the module's triggers
+(`storage/member_counts.py`, patch 0022) equal Synapse's own `COUNT(*)`
+(`get_number_joined_users_in_room` with no callback registered) after every
+write, on SQLite and PostgreSQL (`--db`).
+
+A real in-process HomeServer persists rooms (versions 10 and 12) through
+Synapse's own event persistence: joins, profile changes, leaves, kicks, bans,
+unbans, invites, knocks, joins again, rejected membership events; some rooms
+before the module's tables exist (the schema step fills the counts), some
+after (the triggers keep them). Then the membership column is rewritten (an
+UPDATE, as Synapse's background update does), and one room is purged. After
+each step every room's kept count must equal Synapse's count; and through the
+patch's hook, with the module's callback registered, the cached
+`get_number_joined_users_in_room` answers the same and is invalidated by the
+next membership change. A dropped trigger makes the module leave the count
+to Synapse, and the main process's next start restores the triggers and
+counts anew.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
+from synapse.app.homeserver import SynapseHomeServer
+from synapse.events import make_event_from_dict
+from synapse.storage.engines import PostgresEngine
+
+from synapse_fastjoin.storage.member_counts import joined_member_count_txn
+from synapse_fastjoin.storage.schema import prepare_schema_txn
+from synapse_fastjoin.storage.store import FastJoinStore
+from tests.harness.fakehs.events import finalise_event
+from tests.harness.inprocess import make_homeserver
+from tests.harness.postgres import PostgresAdmin
+
+SERVER = "counts.test"
+REMOTE = "remote.example"
+CREATOR = f"@creator:{REMOTE}"
+TS = 1_700_000_000_000
+
+
+class Room:
+    """A linear room DAG, built event by event (state resolution is not
+    exercised: every event has one prev event)."""
+
+    def __init__(self, version: str, tag: str) -> None:
+        self.version: RoomVersion = KNOWN_ROOM_VERSIONS[version]
+        self.state: dict[tuple[str, str], str] = {}
+        self.tip: str | None = None
+        self.depth = 0
+        self.pending: list[tuple[dict[str, Any], bool]] = []
+        create: dict[str, Any] = {"room_version": version, "tag": tag}
+        if self.version.msc4291_room_ids_as_hashes:
+            self.room_id = ""
+        else:
+            create["creator"] = CREATOR
+            self.room_id = f"!{tag}-{version}:{REMOTE}"
+        self.add(CREATOR, "m.room.create", create, "")
+        if self.version.msc4291_room_ids_as_hashes:
+            self.room_id = "!" + self.state[("m.room.create", "")][1:]
+        self.add(CREATOR, "m.room.member", {"membership": "join"}, CREATOR)
+        self.add(CREATOR, "m.room.power_levels", {"users": {CREATOR: 100}}, "")
+        self.add(CREATOR, "m.room.join_rules", {"join_rule": "knock"}, "")
+
+    def add(
+        self, sender: str, etype: str, content: dict[str, Any], state_key: str, rejected: bool = False
+    ) -> None:
+        auth = [
+            self.state[k]
+            for k in (("m.room.create", ""), ("m.room.power_levels", ""), ("m.room.member", sender))
+            if k in self.state and not (k[0] == "m.room.create" and self.version.msc4291_room_ids_as_hashes)
+        ]
+        self.depth += 1
+        event: dict[str, Any] = {
+            "type": etype,
+            "sender": sender,
+            "content": content,
+            "state_key": state_key,
+            "depth": self.depth,
+            "origin_server_ts": TS + self.depth,
+            "prev_events": [self.tip] if self.tip else [],
+            "auth_events": auth,
+        }
+        if self.room_id:
+            event["room_id"] = self.room_id
+        event_id = finalise_event(self.version, event, sender.split(":", 1)[1])
+        self.pending.append((event, rejected))
+        # A rejected event hangs off the DAG: nothing builds on it.
+        if not rejected:
+            self.tip = event_id
+            self.state[(etype, state_key)] = event_id
+
+    def member(self, user: str, membership: str, by: str | None = None, rejected: bool = False, **extra: Any) -> None:
+        sender = by or (user if membership in ("join", "leave", "knock") else CREATOR)
+        self.add(sender, "m.room.member", {"membership": membership, **extra}, user, rejected)
+
+
+async def _persist(hs: SynapseHomeServer, room: Room) -> None:
+    store = hs.get_datastores().main
+    if not await store.get_room(room.room_id):
+        await store.store_room(room.room_id, CREATOR, True, room.version)
+    for raw, rejected in room.pending:
+        event = make_event_from_dict(copy.deepcopy(raw), room.version)
+        context = await hs.get_state_handler().compute_event_context(event)
+        if rejected:
+            context.rejected = "auth_error"
+        await hs.get_storage_controllers().persistence.persist_event(event, context)
+    room.pending = []
+
+
+async def _assert_counts_equal(hs: SynapseHomeServer, room_ids: list[str]) -> dict[str, int]:
+    store = hs.get_datastores().main
+    counts = {}
+    for room_id in room_ids:
+        store.get_number_joined_users_in_room.invalidate((room_id,))
+        theirs = await store.get_number_joined_users_in_room(room_id)
+        ours = await store.db_pool.runInteraction("kept_count", joined_member_count_txn, room_id)
+        assert ours == theirs, f"{room_id}: kept {ours}, Synapse counts {theirs}"
+        counts[room_id] = theirs
+    # Nothing kept for a room Synapse does not count (purged, or unknown).
+    rows = await store.db_pool.execute(
+        "all_kept", "SELECT room_id, joined FROM fastjoin_room_joined_counts WHERE joined <> 0"
+    )
+    for room_id, joined in rows:
+        store.get_number_joined_users_in_room.invalidate((room_id,))
+        assert joined == await store.get_number_joined_users_in_room(room_id), room_id
+    return counts
+
+
+def _churn(room: Room, base: int) -> None:
+    """Every kind of membership change, around members base..base+40."""
+    users = [f"@u{base + i}:{REMOTE if i % 2 else 'other.example'}" for i in range(40)]
+    for i, user in enumerate(users):
+        if i % 9 == 0:
+            room.member(user, "invite")
+        if i % 11 == 0:
+            room.member(user, "knock")
+        room.member(user, "join", displayname=f"User {i}")
+    room.member(users[1], "join", displayname="Renamed")  # join -> join
+    room.member(users[2], "leave")
+    room.member(users[3], "leave", by=CREATOR)  # kick
+    room.member(users[4], "ban", by=CREATOR)
+    room.member(users[5], "ban", by=CREATOR)
+    room.member(users[5], "leave", by=CREATOR)  # unban
+    room.member(users[2], "join")  # back
+    room.member(users[6], "leave", rejected=True)  # rejected: still joined
+    room.member(f"@never:{REMOTE}", "join", rejected=True)  # rejected: never joined
+    room.member(users[4], "join", rejected=True)  # banned: stays banned
+    room.member(f"@late:{REMOTE}", "invite")
+    room.member(f"@late:{REMOTE}", "leave")  # invite rejected
+
+
+@pytest.fixture
+def homeserver(
+    db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[SynapseHomeServer]:
+    admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
+    data_dir = str(tmp_path_factory.mktemp(f"joined-counts-{db_backend}"))
+    name = None
+    database: dict[str, Any] | None = None
+    if admin is not None:
+        db = admin.create_database("joined_counts")
+        name = db.name
+        database = {"name": "psycopg2", "args": db.synapse_args}
+    hs = make_homeserver(data_dir, SERVER, database=database)
+    try:
+        yield hs
+    finally:
+        hs.get_datastores().main.db_pool._db_pool.close()
+        if admin is not None and name is not None:
+            admin.drop_database(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_counts_equal_synapse_count(homeserver: SynapseHomeServer) -> None:
+    hs = homeserver
+    store = hs.get_datastores().main
+    rooms = {f"{v}-{tag}": Room(v, tag) for v in ("10", "12") for tag in ("before", "after", "purged")}
+
+    # Rooms with members before the module's tables exist: the schema step
+    # fills their counts.
+    for key in ("10-before", "12-before"):
+        _churn(rooms[key], 0)
+        await _persist(hs, rooms[key])
+    await store.db_pool.runInteraction("fastjoin_prepare_schema", prepare_schema_txn)
+    ids = [r.room_id for r in rooms.values()]
+    await _assert_counts_equal(hs, ids)
+
+    # Every change after: the triggers keep the counts, event by event.
+    for key, room in rooms.items():
+        _churn(room, 100)
+        for raw in list(room.pending):
+            room.pending = [raw]
+            await _persist(hs, room)
+            await _assert_counts_equal(hs, [room.room_id])
+    counts = await _assert_counts_equal(hs, ids)
+    assert all(c > 30 for c in counts.values()), counts
+
+    # The membership column rewritten in place (Synapse's background update
+    # `current_state_events_membership` is such an UPDATE): set to NULL, then
+    # filled again.
+    target = rooms["12-after"].room_id
+
+    def rewrite(txn: Any, value: str | None) -> None:
+        if value is None:
+            txn.execute("UPDATE current_state_events SET membership = NULL WHERE room_id = ?", (target,))
+        else:
+            txn.execute(
+                "UPDATE current_state_events SET membership = (SELECT membership FROM room_memberships"
+                " WHERE room_memberships.event_id = current_state_events.event_id) WHERE room_id = ?",
+                (target,),
+            )
+
+    await store.db_pool.runInteraction("null_membership", rewrite, None)
+    assert (await _assert_counts_equal(hs, [target]))[target] == 0
+    await store.db_pool.runInteraction("fill_membership", rewrite, "fill")
+    assert (await _assert_counts_equal(hs, [target]))[target] == counts[target]
+
+    # A purged room: no current state, no count.
+    for key in ("10-purged", "12-purged"):
+        await store.purge_room(rooms[key].room_id)
+    await _assert_counts_equal(hs, ids)
+    assert await store.db_pool.runInteraction(
+        "kept_count", joined_member_count_txn, rooms["12-purged"].room_id
+    ) == 0
+
+    # Through the patch's hook: the module's answer, cached by Synapse and
+    # invalidated by the next membership change.
+    fastjoin = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=True)
+    hs.get_module_api().register_fastjoin_callbacks(joined_member_count=fastjoin.joined_member_count)  # type: ignore[attr-defined]
+    room = rooms["10-after"]
+    store.get_number_joined_users_in_room.invalidate((room.room_id,))
+    before = await store.get_number_joined_users_in_room(room.room_id)
+    assert before == counts[room.room_id]
+    room.member(f"@hook:{REMOTE}", "join")
+    await _persist(hs, room)
+    assert await store.get_number_joined_users_in_room(room.room_id) == before + 1
+    room.member(f"@hook:{REMOTE}", "leave")
+    room.member(f"@u101:{REMOTE}", "ban", by=CREATOR)
+    await _persist(hs, room)
+    assert await store.get_number_joined_users_in_room(room.room_id) == before - 1
+    rows = await store.db_pool.execute(
+        "count", "SELECT COUNT(*) FROM current_state_events WHERE room_id = ? AND membership = 'join'", room.room_id
+    )
+    assert rows[0][0] == before - 1
+
+    # A trigger dropped (by hand): the table goes stale, so the module must not
+    # answer from it; the main process's next start restores it all.
+    def drop_trigger(txn: Any) -> None:
+        if isinstance(txn.database_engine, PostgresEngine):
+            txn.execute("DROP TRIGGER fastjoin_joined_counts_delete ON current_state_events")
+        else:
+            txn.execute("DROP TRIGGER fastjoin_joined_counts_delete")
+
+    await store.db_pool.runInteraction("drop_trigger", drop_trigger)
+    room.member(f"@u107:{REMOTE}", "leave")
+    await _persist(hs, room)
+    store.get_number_joined_users_in_room.invalidate((room.room_id,))
+    # A worker (which does not upgrade the tables) sees it and leaves the count to Synapse.
+    worker = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=False)
+    assert await worker.joined_member_count(room.room_id) is None
+    assert await store.db_pool.runInteraction(
+        "kept_count", joined_member_count_txn, room.room_id
+    ) == before - 1  # stale: the leave was not counted
+    await store.db_pool.runInteraction("fastjoin_prepare_schema", prepare_schema_txn)
+    again = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=True)
+    assert await again.joined_member_count(room.room_id) == before - 2
+    await _assert_counts_equal(hs, ids)
