@@ -509,11 +509,12 @@ def write_outputs(
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
+    # (The prefix may hold dots, as in engine-0.6-sqlite: add, never replace.)
+    args.out.with_name(args.out.name + ".json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
     table = grid_table(rows) if args.grid else markdown_table(rows)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    args.out.with_name(args.out.name + ".md").write_text(table + "\n")
     if final and not args.grid:
-        plot(rows, args.out.with_suffix(".png"))
+        plot(rows, args.out.with_name(args.out.name + ".png"))
     return rows
 
 
