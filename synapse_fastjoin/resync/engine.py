@@ -307,6 +307,10 @@ class _RoomResync:
         self._backoff_level = 0
         # Fired by `wake` to cut the backoff sleep short.
         self._wakeup: "defer.Deferred[None] | None" = None
+        # Set by `wake`; cleared as a wait after a failure is announced. A wake
+        # that comes between the announcement (phase waiting_to_retry, which
+        # the admin API shows) and the sleep itself is not lost.
+        self._woken = False
         self._aborted = False
         # Users whose membership event in the room the resync found wrongly
         # accepted or rejected (their cached device lists are suspect).
@@ -332,6 +336,7 @@ class _RoomResync:
             self._room_id,
             f", asking {via} first" if via else "",
         )
+        self._woken = True
         wakeup, self._wakeup = self._wakeup, None
         if wakeup is not None and not wakeup.called:
             with PreserveLoggingContext():
@@ -350,7 +355,12 @@ class _RoomResync:
         return self._progress.phase
 
     async def _sleep_unless_woken(self, seconds: float) -> None:
-        """Sleep `seconds`, or until `wake` is called."""
+        """Sleep `seconds`, or until `wake` is called (or was, since the wait
+        was announced)."""
+        if self._woken or self._aborted:
+            if self._aborted:
+                raise defer.CancelledError()
+            return
         wakeup: "defer.Deferred[None]" = defer.Deferred()
         self._wakeup = wakeup
 
@@ -459,6 +469,7 @@ class _RoomResync:
         delay *= random.uniform(0.8, 1.2)
         self._backoff_level = min(self._backoff_level + 1, 30)
         self._progress.next_retry_ts = int((time.time() + delay) * 1000)
+        self._woken = False
         self._progress.set_phase(PHASE_WAITING)
         logger.info("Resync of %s: next attempt in %.0f s", self._room_id, delay)
         await self._checkpoint()
