@@ -5,13 +5,18 @@ every remote server is outside its federation whitelist)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from signedjson.key import generate_signing_key, write_signing_keys
 from twisted.internet import reactor
 
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.config.homeserver import HomeServerConfig
+
+if TYPE_CHECKING:
+    from tests.harness.postgres import PostgresAdmin
 
 
 def make_homeserver(
@@ -54,3 +59,36 @@ def make_homeserver(
     hs = SynapseHomeServer(server_name, config=config, reactor=reactor)
     hs.setup()
     return hs
+
+
+@contextmanager
+def homeservers_on_fresh_databases(
+    names: Sequence[str],
+    db_backend: str,
+    tmp_path_factory: Any,
+    postgres_admin: "PostgresAdmin | None",
+    server_name: Callable[[str], str],
+    extra_config: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, SynapseHomeServer]]:
+    """HomeServers named `names` (for a parity test: one runs Synapse's path,
+    the others ours), each on a fresh database of `db_backend` (a PostgreSQL
+    database made with `postgres_admin`, or a SQLite file), closed and
+    dropped afterwards."""
+    made: dict[str, SynapseHomeServer] = {}
+    databases: list[str] = []
+    try:
+        for name in names:
+            data_dir = str(tmp_path_factory.mktemp(f"{name}-{db_backend}"))
+            database: dict[str, Any] | None = None
+            if postgres_admin is not None:
+                db = postgres_admin.create_database(name)
+                databases.append(db.name)
+                database = {"name": "psycopg2", "args": db.synapse_args}
+            made[name] = make_homeserver(data_dir, server_name(name), database, extra_config)
+        yield made
+    finally:
+        for hs in made.values():
+            hs.get_datastores().main.db_pool._db_pool.close()
+        if postgres_admin is not None:
+            for db_name in databases:
+                postgres_admin.drop_database(db_name)

@@ -39,6 +39,10 @@ from tests.harness.postgres import PostgresAdmin
 EventPair = tuple[EventBase, EventContext]
 
 
+# Outliers' parity tests write retention rows too.
+RETENTION = {"retention": {"enabled": True}}
+
+
 @contextmanager
 def homeservers_on_fresh_databases(
     names: Sequence[str],
@@ -47,38 +51,19 @@ def homeservers_on_fresh_databases(
     postgres_admin: PostgresAdmin | None,
     server_name: Callable[[str], str],
 ) -> Iterator[dict[str, SynapseHomeServer]]:
-    """Real HomeServers named `names` (for a parity test: one runs Synapse's
-    path, the others ours), each on a fresh database of `db_backend` (a
-    PostgreSQL database made with `postgres_admin`, or a SQLite file), closed
-    and dropped afterwards."""
-    made: dict[str, SynapseHomeServer] = {}
-    databases: list[str] = []
-    try:
-        for name in names:
-            data_dir = str(tmp_path_factory.mktemp(f"{name}-{db_backend}"))
-            if postgres_admin is not None:
-                db = postgres_admin.create_database(name)
-                databases.append(db.name)
-                database: dict[str, Any] = {"name": "psycopg2", "args": db.synapse_args}
-            else:
-                database = {"name": "sqlite3", "args": {"database": f"{data_dir}/hs.db"}}
-            made[name] = make_homeserver(data_dir, database, server_name=server_name(name))
+    """`inprocess.homeservers_on_fresh_databases`, with retention on (see
+    `make_homeserver`)."""
+    with inprocess.homeservers_on_fresh_databases(
+        names, db_backend, tmp_path_factory, postgres_admin, server_name, RETENTION
+    ) as made:
         yield made
-    finally:
-        for hs in made.values():
-            hs.get_datastores().main.db_pool._db_pool.close()
-        if postgres_admin is not None:
-            for db_name in databases:
-                postgres_admin.drop_database(db_name)
 
 
 def make_homeserver(data_dir: str, database: dict[str, Any], server_name: str = "joiner.test") -> SynapseHomeServer:
     """A real HomeServer on `database` (Synapse's `database` config section),
     set up (schema prepared) on the running reactor, with retention on (the
     persistence path then writes its retention rows too)."""
-    return inprocess.make_homeserver(
-        data_dir, server_name, database, extra_config={"retention": {"enabled": True}}
-    )
+    return inprocess.make_homeserver(data_dir, server_name, database, extra_config=RETENTION)
 
 
 @attr.s(slots=True, auto_attribs=True)

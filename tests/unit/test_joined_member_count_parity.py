@@ -37,7 +37,7 @@ from synapse_fastjoin.storage.member_counts import joined_member_count_txn
 from synapse_fastjoin.storage.schema import prepare_schema_txn
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness.fakehs.events import finalise_event
-from tests.harness.inprocess import make_homeserver
+from tests.harness.inprocess import homeservers_on_fresh_databases
 from tests.harness.postgres import PostgresAdmin
 
 SERVER = "counts.test"
@@ -162,20 +162,10 @@ def homeserver(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[SynapseHomeServer]:
     admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    data_dir = str(tmp_path_factory.mktemp(f"joined-counts-{db_backend}"))
-    name = None
-    database: dict[str, Any] | None = None
-    if admin is not None:
-        db = admin.create_database("joined_counts")
-        name = db.name
-        database = {"name": "psycopg2", "args": db.synapse_args}
-    hs = make_homeserver(data_dir, SERVER, database=database)
-    try:
-        yield hs
-    finally:
-        hs.get_datastores().main.db_pool._db_pool.close()
-        if admin is not None and name is not None:
-            admin.drop_database(name)
+    with homeservers_on_fresh_databases(
+        ("joined_counts",), db_backend, tmp_path_factory, admin, server_name=lambda _: SERVER
+    ) as made:
+        yield made["joined_counts"]
 
 
 @pytest_twisted.ensureDeferred

@@ -28,7 +28,7 @@ from synapse.api.errors import SynapseError
 from synapse.app.homeserver import SynapseHomeServer
 
 from synapse_fastjoin.handlers.make_join import MakeJoinState
-from tests.harness.inprocess import make_homeserver
+from tests.harness.inprocess import homeservers_on_fresh_databases
 from tests.harness.postgres import PostgresAdmin
 from tests.unit.test_joined_member_count_parity import CREATOR, REMOTE, Room, _persist
 
@@ -41,21 +41,11 @@ def homeserver(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[SynapseHomeServer]:
     admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    data_dir = str(tmp_path_factory.mktemp(f"make-join-{db_backend}"))
-    name = None
-    database: dict[str, Any] | None = None
-    if admin is not None:
-        db = admin.create_database("make_join")
-        name = db.name
-        database = {"name": "psycopg2", "args": db.synapse_args}
     # Named as the creator's server: the creator and @l*:REMOTE are local.
-    hs = make_homeserver(data_dir, REMOTE, database=database)
-    try:
-        yield hs
-    finally:
-        hs.get_datastores().main.db_pool._db_pool.close()
-        if admin is not None and name is not None:
-            admin.drop_database(name)
+    with homeservers_on_fresh_databases(
+        ("make_join",), db_backend, tmp_path_factory, admin, server_name=lambda _: REMOTE
+    ) as made:
+        yield made["make_join"]
 
 
 async def _rooms(hs: SynapseHomeServer, version: str) -> tuple[Room, Room]:
