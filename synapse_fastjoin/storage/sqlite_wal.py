@@ -36,36 +36,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _get_autocheckpoint(conn: "LoggingDatabaseConnection") -> int:
+def _pragma(conn: "LoggingDatabaseConnection", statement: str) -> tuple[int, ...]:
+    """Run a PRAGMA on the connection; its one row of integers."""
     cur = conn.cursor()
     try:
-        cur.execute("PRAGMA wal_autocheckpoint")
+        cur.execute(f"PRAGMA {statement}")
         row = cur.fetchone()
     finally:
         cur.close()
-    return int(row[0])
+    return tuple(int(v) for v in row)
+
+
+def _get_autocheckpoint(conn: "LoggingDatabaseConnection") -> int:
+    return _pragma(conn, "wal_autocheckpoint")[0]
 
 
 def _set_autocheckpoint(conn: "LoggingDatabaseConnection", pages: int) -> int:
     """Set the mark; returns the value SQLite reports afterwards."""
-    cur = conn.cursor()
-    try:
-        cur.execute(f"PRAGMA wal_autocheckpoint = {int(pages)}")
-        row = cur.fetchone()
-    finally:
-        cur.close()
-    return int(row[0])
+    return _pragma(conn, f"wal_autocheckpoint = {int(pages)}")[0]
 
 
 def _checkpoint(conn: "LoggingDatabaseConnection") -> tuple[int, int, int]:
     """(busy, frames in the log, frames checkpointed)."""
-    cur = conn.cursor()
-    try:
-        cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        row = cur.fetchone()
-    finally:
-        cur.close()
-    return int(row[0]), int(row[1]), int(row[2])
+    busy, frames, done = _pragma(conn, "wal_checkpoint(PASSIVE)")
+    return busy, frames, done
 
 
 class WalCheckpointHold:
