@@ -26,7 +26,7 @@ from synapse_fastjoin.storage.state_groups import (
     state_at_keys_txn,
     store_state_group_chain_txn,
 )
-from tests.harness.outliers import make_homeserver
+from tests.harness.outliers import homeservers_on_fresh_databases
 from tests.harness.postgres import PostgresAdmin
 
 ROOM = "!room:a.test"
@@ -39,25 +39,10 @@ def homeservers(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, SynapseHomeServer]]:
     admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    made: dict[str, SynapseHomeServer] = {}
-    databases: list[str] = []
-    try:
-        for name in ("synapse", "ours"):
-            data_dir = str(tmp_path_factory.mktemp(f"catchup-groups-{name}-{db_backend}"))
-            if admin is not None:
-                db = admin.create_database(f"catchup_groups_{name}")
-                databases.append(db.name)
-                database: dict[str, Any] = {"name": "psycopg2", "args": db.synapse_args}
-            else:
-                database = {"name": "sqlite3", "args": {"database": f"{data_dir}/hs.db"}}
-            made[name] = make_homeserver(data_dir, database, server_name=SERVER)
+    with homeservers_on_fresh_databases(
+        ("synapse", "ours"), db_backend, tmp_path_factory, admin, server_name=lambda _: SERVER
+    ) as made:
         yield made
-    finally:
-        for hs in made.values():
-            hs.get_datastores().main.db_pool._db_pool.close()
-        if admin is not None:
-            for name in databases:
-                admin.drop_database(name)
 
 
 def _member(i: int) -> tuple[str, str]:
