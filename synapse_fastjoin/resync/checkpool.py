@@ -13,7 +13,10 @@ the event from it (`checks.collect_worker_verdicts`).
 The processes start when a fetch is big enough to gain from them
 (`resync.check_process_min_events`), are used once ready (until then, and
 whenever one is unavailable, the checks run in threads as before), and stop
-after a minute without work. A process that dies fails its pending requests;
+after a minute without work, or a few seconds after the last fetch that holds
+them (`CheckPool.holding`) has ended: each process holds about 100 MB that the
+resync's end steps (the join's state group, the current state) have better
+use for. A process that dies fails its pending requests;
 their chunks are checked again in threads, and the pool is not used again
 until the server restarts (logged as a warning).
 """
@@ -21,7 +24,8 @@ until the server restarts (logged as a warning).
 import logging
 import pickle
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -31,6 +35,8 @@ from synapse_fastjoin.resync.checkworker import _HEADER
 logger = logging.getLogger(__name__)
 
 _IDLE_SECONDS = 60.0
+# After the last holder lets go: long enough for its last answers to arrive.
+_RELEASED_SECONDS = 2.0
 _STDERR_LINES = 20  # per process, to the log
 
 
@@ -118,6 +124,7 @@ class CheckPool:
         self._next_id = 1
         self._idle_call: Any = None
         self._broken = False
+        self._holders = 0
         self.requests = 0
         """Chunks answered by a check process (for the tests and the logs)."""
 
@@ -150,6 +157,19 @@ class CheckPool:
                 self._broken = True
                 return
             self._workers.append(worker)
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """While a fetch that may use the processes runs: on leaving, if no
+        other fetch holds the pool, the processes stop once idle for
+        `_RELEASED_SECONDS` rather than a minute."""
+        self._holders += 1
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if self._holders == 0 and self._workers:
+                self._touch(_RELEASED_SECONDS)
 
     def check(self, *payload: Any) -> "defer.Deferred[Any]":
         """Hand a chunk to the least busy ready process. Call only when
@@ -184,18 +204,18 @@ class CheckPool:
                 worker.transport.closeStdin()
         self._workers = []
 
-    def _touch(self) -> None:
-        """Put off the idle stop."""
+    def _touch(self, seconds: float = _IDLE_SECONDS) -> None:
+        """(Re)schedule the idle stop `seconds` from now."""
         reactor: IReactorTime = self._reactor
         if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(_IDLE_SECONDS)
+            self._idle_call.reset(seconds)
         else:
-            self._idle_call = reactor.callLater(_IDLE_SECONDS, self._idle)
+            self._idle_call = reactor.callLater(seconds, self._idle)
 
     def _idle(self) -> None:
         self._idle_call = None
         if any(w.load for w in self._workers):
-            self._touch()
+            self._touch(_IDLE_SECONDS if self._holders else _RELEASED_SECONDS)
             return
         if self._workers:
             logger.info("Stopping %d idle check processes", len(self._workers))

@@ -842,8 +842,11 @@ class _RoomResync:
             self._checkpool,
         )
         state_maps = []
-        for prev in sorted(missing_prevs):
-            state_maps.append(await fetcher.fetch_state_after(prev))
+        # The check processes are not needed after the fetch: the end steps
+        # (resolution, the join's state group, the current state) get their memory.
+        with self._checkpool.holding():
+            for prev in sorted(missing_prevs):
+                state_maps.append(await fetcher.fetch_state_after(prev))
         self._progress.set_phase(PHASE_RESOLVING)
         if seen_prevs:
             ours = await self._storage.state.get_state_groups_ids(

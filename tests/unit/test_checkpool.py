@@ -96,3 +96,49 @@ async def test_a_dying_process_fails_its_requests_and_the_pool_stays_off() -> No
     assert not pool.ready()
     pool.warm_up()  # refused: something is wrong with running them here
     assert not pool._workers and not pool.enabled
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not reaped yet) has exited too.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+async def _wait_exit(pid: int, seconds: float) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if not _alive(pid):
+            return True
+        await _sleep(0.05)
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_processes_stop_soon_after_the_last_holder_lets_go() -> None:
+    """A resync's fetch holds the pool; once the last holder is done the
+    processes stop within seconds, not after the minute of idle, so that their
+    memory is not held through the resync's end steps. While a holder remains
+    they stay."""
+    pool = CheckPool(reactor, 1)
+    try:
+        with pool.holding():
+            pool.warm_up()
+            await _ready(pool)
+            (worker,) = pool._workers
+            pid = worker.pid
+            with pool.holding():
+                await pool.check(_events(3), "10", _keys(), None)
+            # One holder left: the processes stay.
+            assert not await _wait_exit(pid, 3.0)
+            assert pool.ready()
+            await pool.check(_events(3), "10", _keys(), None)
+        assert await _wait_exit(pid, 10.0), "the check process outlived its last holder"
+        assert not pool.ready() and pool.enabled
+        # A later fetch starts them again.
+        pool.warm_up()
+        await _ready(pool)
+    finally:
+        pool.stop()
