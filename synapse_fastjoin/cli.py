@@ -1,8 +1,10 @@
 """The ``synapse-fastjoin`` command line.
 
-Two command groups: ``rooms`` talks to a running Synapse's admin API (see
-:mod:`synapse_fastjoin.cli_rooms`); ``patches`` manages the patch series
-this project carries against Synapse (see :mod:`synapse_fastjoin.patching`)::
+Three command groups: ``rooms`` talks to a running Synapse's admin API (see
+:mod:`synapse_fastjoin.cli_rooms`); ``schema drop`` removes the module's
+tables from Synapse's database for good (see :mod:`synapse_fastjoin.cli_schema`);
+``patches`` manages the patch series this project carries against Synapse
+(see :mod:`synapse_fastjoin.patching`)::
 
     synapse-fastjoin patches status [--site-packages DIR] [--series DIR]
     synapse-fastjoin patches apply  [--site-packages DIR] [--series DIR]
@@ -25,6 +27,7 @@ from typing import Callable, Optional, Sequence, TextIO
 
 from synapse_fastjoin import patching
 from synapse_fastjoin.cli_rooms import add_rooms_parser
+from synapse_fastjoin.cli_schema import add_schema_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         action.set_defaults(func=handler)
 
     add_rooms_parser(commands, _error)
+    add_schema_parser(commands, _error)
     return parser
 
 

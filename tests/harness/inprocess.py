@@ -16,6 +16,8 @@ from synapse.app.homeserver import SynapseHomeServer
 from synapse.config.homeserver import HomeServerConfig
 
 if TYPE_CHECKING:
+    import pytest
+
     from tests.harness.postgres import PostgresAdmin
 
 
@@ -92,3 +94,23 @@ def homeservers_on_fresh_databases(
         if postgres_admin is not None:
             for db_name in databases:
                 postgres_admin.drop_database(db_name)
+
+
+@contextmanager
+def homeserver_on_fresh_database(
+    name: str,
+    server_name: str,
+    db_backend: str,
+    tmp_path_factory: Any,
+    request: "pytest.FixtureRequest",
+) -> Iterator[SynapseHomeServer]:
+    """One HomeServer named `server_name` on a fresh database of `db_backend`
+    (`homeservers_on_fresh_databases` for a single server), for a test
+    fixture: PostgreSQL's through the `postgres_admin` fixture."""
+    admin: PostgresAdmin | None = (
+        request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
+    )
+    with homeservers_on_fresh_databases(
+        (name,), db_backend, tmp_path_factory, admin, server_name=lambda _: server_name
+    ) as made:
+        yield made[name]

@@ -44,7 +44,7 @@ def _pending(db: Database) -> list[str]:
     return [e for e, _, _ in db.run_sync("p", inbound.get_pending_txn, ROOM, 1000, 10**12)]
 
 
-def test_queue_past_its_bound_keeps_its_oldest_and_remembers_the_rest(database: Database):
+def test_queue_past_its_bound_keeps_its_oldest_and_remembers_the_rest(database: Database):  # noqa: F811
     database.run_sync("prepare", prepare_schema_txn)
     for i in range(150):
         _stage(database, f"$e{i:03}", 1000 + i)
@@ -66,7 +66,7 @@ def test_queue_past_its_bound_keeps_its_oldest_and_remembers_the_rest(database: 
     assert stats == {"queued": 100, "dropped": 51, "refetched": 0, "pending": 51, "failed": 0}
 
 
-def test_the_event_synapse_processes_next_is_never_dropped(database: Database):
+def test_the_event_synapse_processes_next_is_never_dropped(database: Database):  # noqa: F811
     database.run_sync("prepare", prepare_schema_txn)
     _stage(database, "$p", 1)
     database.run_sync("d", inbound._drop_txn, ROOM, [("$p", "a.org", 1)], 2)
@@ -79,7 +79,7 @@ def test_the_event_synapse_processes_next_is_never_dropped(database: Database):
     assert _pending(database) == ["$p", "$next"]
 
 
-def test_events_fetched_again_stay_queued_and_are_counted(database: Database):
+def test_events_fetched_again_stay_queued_and_are_counted(database: Database):  # noqa: F811
     database.run_sync("prepare", prepare_schema_txn)
     for i in range(120):
         _stage(database, f"$e{i:03}", 1000 + i)
@@ -115,7 +115,7 @@ def test_events_fetched_again_stay_queued_and_are_counted(database: Database):
     assert first[0] in _pending(database)
 
 
-def test_retry_backoff_hides_an_event_until_its_next_attempt(database: Database):
+def test_retry_backoff_hides_an_event_until_its_next_attempt(database: Database):  # noqa: F811
     database.run_sync("prepare", prepare_schema_txn)
     for i in range(101):
         _stage(database, f"$e{i:03}", 1000 + i)
@@ -127,7 +127,7 @@ def test_retry_backoff_hides_an_event_until_its_next_attempt(database: Database)
     ]
 
 
-def test_quick_check_at_arrival_touches_nothing_within_the_bound(database: Database):
+def test_quick_check_at_arrival_touches_nothing_within_the_bound(database: Database):  # noqa: F811
     database.run_sync("prepare", prepare_schema_txn)
     for i in range(100):
         _stage(database, f"$e{i:03}", 1000 + i)

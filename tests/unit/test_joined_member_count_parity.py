@@ -37,8 +37,7 @@ from synapse_fastjoin.storage.member_counts import joined_member_count_txn
 from synapse_fastjoin.storage.schema import prepare_schema_txn
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness.fakehs.events import finalise_event
-from tests.harness.inprocess import homeservers_on_fresh_databases
-from tests.harness.postgres import PostgresAdmin
+from tests.harness.inprocess import homeserver_on_fresh_database
 
 SERVER = "counts.test"
 REMOTE = "remote.example"
@@ -161,11 +160,8 @@ def _churn(room: Room, base: int) -> None:
 def homeserver(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[SynapseHomeServer]:
-    admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    with homeservers_on_fresh_databases(
-        ("joined_counts",), db_backend, tmp_path_factory, admin, server_name=lambda _: SERVER
-    ) as made:
-        yield made["joined_counts"]
+    with homeserver_on_fresh_database("joined_counts", SERVER, db_backend, tmp_path_factory, request) as hs:
+        yield hs
 
 
 @pytest_twisted.ensureDeferred

@@ -28,8 +28,7 @@ from synapse.api.errors import SynapseError
 from synapse.app.homeserver import SynapseHomeServer
 
 from synapse_fastjoin.handlers.make_join import MakeJoinState
-from tests.harness.inprocess import homeservers_on_fresh_databases
-from tests.harness.postgres import PostgresAdmin
+from tests.harness.inprocess import homeserver_on_fresh_database
 from tests.unit.test_joined_member_count_parity import CREATOR, REMOTE, Room, _persist
 
 JOINER = "joiner.example"
@@ -40,12 +39,9 @@ OTHER = "other.example"
 def homeserver(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[SynapseHomeServer]:
-    admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
     # Named as the creator's server: the creator and @l*:REMOTE are local.
-    with homeservers_on_fresh_databases(
-        ("make_join",), db_backend, tmp_path_factory, admin, server_name=lambda _: REMOTE
-    ) as made:
-        yield made["make_join"]
+    with homeserver_on_fresh_database("make_join", REMOTE, db_backend, tmp_path_factory, request) as hs:
+        yield hs
 
 
 async def _rooms(hs: SynapseHomeServer, version: str) -> tuple[Room, Room]:

@@ -27,8 +27,10 @@ class Database:
     behaves like ModuleApi's: the function runs in a transaction, committed on
     success and rolled back on error."""
 
-    def __init__(self, engine: Any, conn: Any) -> None:
+    def __init__(self, engine: Any, conn: Any, section: dict[str, Any]) -> None:
         self.engine = engine
+        # Synapse's `database` section for this database (homeserver.yaml).
+        self.section = section
         self.conn = LoggingDatabaseConnection(
             conn=conn, engine=engine, default_txn_name="test", server_name="test"
         )
@@ -65,15 +67,17 @@ class Database:
 def database(db_backend: str, tmp_path) -> Iterator[Database]:
     if db_backend == "sqlite":
         path = str(tmp_path / "homeserver.db")
-        engine = create_engine({"name": "sqlite3", "args": {"database": path}})
-        db = Database(engine, engine.module.connect(path))
+        section = {"name": "sqlite3", "args": {"database": path}}
+        engine = create_engine(section)
+        db = Database(engine, engine.module.connect(path), section)
         yield db
         db.conn.conn.close()
         return
     admin = PostgresAdmin.from_env()
     pg = admin.create_database("storage")
-    engine = create_engine({"name": "psycopg2", "args": pg.synapse_args})
-    db = Database(engine, pg.connect())
+    section = {"name": "psycopg2", "args": pg.synapse_args}
+    engine = create_engine(section)
+    db = Database(engine, pg.connect(), section)
     try:
         yield db
     finally:
