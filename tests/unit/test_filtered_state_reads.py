@@ -1,9 +1,10 @@
 # Copyright (C) 2026 The synapse-fastjoin authors
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Filtered reads of a state group (patch 0025): the rows Synapse's
-`_get_state_groups_from_groups_txn` returns for a filter are exactly the
-filter applied to the group's whole state, and on SQLite a read of a few keys
-does not go through every row of a big group.
+"""Filtered state reads (patch 0025): the rows Synapse's
+`_get_state_groups_from_groups_txn`, `_get_current_state_event_ids` and
+`get_partial_filtered_current_state_ids` return for a filter are exactly the
+filter applied to the whole state, and on SQLite a read of a few keys does not
+go through every row of a big state group or room.
 
 A real in-process HomeServer (`--db`) stores a snapshot group of a room with
 many members and odd state types (types that sort just before and after
@@ -15,7 +16,9 @@ from the database (Synapse's caches play no part), and compared with the
 filter applied to the state the test wrote. On SQLite, the number of virtual
 machine steps SQLite takes to read two keys of the snapshot group (one of them
 absent, so the read cannot stop early) is counted: without the patch its
-planner reads every row of the group, which this catches.
+planner reads every row of the group, which this catches. The same state is
+written as a room's `current_state_events` rows and read the same ways through
+the current-state functions (their database reads, Synapse's caches cleared).
 """
 
 from __future__ import annotations
@@ -163,3 +166,92 @@ async def test_filtered_reads_match_the_filtered_state(homeserver: SynapseHomeSe
         )
         assert len(got) == 10
         assert thousands * 1000 < MEMBERS, f"{thousands}k VM steps: the read went through the group"
+
+
+async def _read_current(
+    hs: SynapseHomeServer, room_id: str, state_filter: StateFilter
+) -> tuple[dict[Key, str], int]:
+    """The room's current state under `state_filter` from the database (the
+    store's caches of it cleared first), and the SQLite VM steps (thousands)
+    its reads took."""
+    store: Any = hs.get_datastores().main
+    store._get_current_state_event_id.invalidate_all()
+    store.get_partial_current_state_ids.invalidate_all()
+    steps = [0]
+    counted: list[Any] = []
+    pool = store.db_pool
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    original = pool.runInteraction
+
+    async def counting(desc: str, func: Any, *args: Any, **kwargs: Any) -> Any:
+        def wrapped(txn: Any, *a: Any, **k: Any) -> Any:
+            conn = getattr(txn.txn, "connection", None)
+            if conn is not None and hasattr(conn, "set_progress_handler"):
+                conn.set_progress_handler(tick, 1000)
+                counted.append(conn)
+            try:
+                return func(txn, *a, **k)
+            finally:
+                if counted:
+                    counted.pop().set_progress_handler(None, 0)
+
+        return await original(desc, wrapped, *args, **kwargs)
+
+    pool.runInteraction = counting
+    try:
+        result = await store.get_partial_filtered_current_state_ids(room_id, state_filter)
+    finally:
+        pool.runInteraction = original
+    return dict(result), steps[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_current_state_reads_match_the_filtered_state(
+    homeserver: SynapseHomeServer, db_backend: str
+) -> None:
+    store: Any = homeserver.get_datastores().main
+    rooms = {"!big:state.example": {**_base(), **DELTAS[0]}, "!other:state.example": dict(DELTAS[1])}
+
+    def write(txn: Any) -> None:
+        for room_id, state in rooms.items():
+            store.db_pool.simple_insert_many_txn(
+                txn,
+                table="current_state_events",
+                keys=("event_id", "room_id", "type", "state_key", "membership"),
+                values=[
+                    (f"{event_id}{room_id}", room_id, typ, state_key, "join" if typ == EventTypes.Member else None)
+                    for (typ, state_key), event_id in state.items()
+                ],
+            )
+
+    await store.db_pool.runInteraction("test_current_state", write)
+    for room_id, state in rooms.items():
+        whole = {key: f"{event_id}{room_id}" for key, event_id in state.items()}
+        for state_filter in _filters():
+            if state_filter.is_full() or state_filter == StateFilter.none():
+                continue  # answered by other functions (or not at all)
+            got, _ = await _read_current(homeserver, room_id, state_filter)
+            assert got == state_filter.filter_state(whole), (room_id, state_filter)
+
+    if db_backend == "sqlite":
+        room_id = "!big:state.example"
+        # Concrete keys (the per-key cache's batched read), one absent.
+        got, thousands = await _read_current(
+            homeserver,
+            room_id,
+            StateFilter.from_types(
+                [(EventTypes.Create, ""), (EventTypes.PowerLevels, ""), (EventTypes.Member, "@nobody:else.example")]
+            ),
+        )
+        assert len(got) == 2
+        assert thousands * 1000 < MEMBERS, f"{thousands}k VM steps: the read went through the room"
+        # A wildcard type and the others (the filtered read).
+        got, thousands = await _read_current(
+            homeserver, room_id, StateFilter.freeze({EventTypes.Member: {_member(3)[1]}}, include_others=True)
+        )
+        assert len(got) == 11
+        assert thousands * 1000 < MEMBERS, f"{thousands}k VM steps: the read went through the room"
