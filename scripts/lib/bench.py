@@ -10,7 +10,8 @@ each from a fresh server and a fresh fake resident process, and measured:
   T_join     POST /join until 200
   T_full     from the start of the join until a request that needs the full
              state answers (the state event of one remote member)
-  T_members  the /members request after that
+  T_members  the /members request after that, and the same request again
+             once the joiner is idle (idle T_members)
   T_idle     from the start of the join until the joiner is idle again (under
              5 % of a core for 3 s in a row, after /members), and the CPU
              seconds it used until then: the work a join leaves behind (user
@@ -206,8 +207,8 @@ class LatencyPoller(threading.Thread):
 
 
 class Profiler:
-    """py-spy recording of the joiner (all threads, idle ones included) from
-    the join until /members has answered, as raw collapsed stacks (.txt: one
+    """py-spy recording of the joiner (all threads, idle ones included) over
+    a stretch of the run (the join until T_full, each /members request), as raw collapsed stacks (.txt: one
     line per stack, `frame;frame;... count`), which flamegraph tools read."""
 
     def __init__(self, pid: int, prefix: Path) -> None:
@@ -382,16 +383,36 @@ def run_one(
         injected = fake.stop_injecting() if traffic else 0
         live_watch = LiveWatcher(joiner, fake.injected(), since=started + result["t_full"]) if traffic else None
 
+        if profiler is not None:
+            profiler.stop()
+        members_profiler = Profiler(joiner.pid, profiler.prefix.with_name(profiler.prefix.name + "-members")) \
+            if profiler is not None else None  # type: ignore[arg-type]
+        if members_profiler is not None:
+            time.sleep(0.5)  # (py-spy attaching)
         members_started = time.monotonic()
         status, body = http("GET", f"{base}/rooms/{room}/members", token, timeout=args.timeout)
         result["t_members"] = time.monotonic() - members_started
+        if members_profiler is not None:
+            members_profiler.stop()
         if status != 200:
             raise RuntimeError(f"/members failed: {status}")
         joined = sorted(m["state_key"] for m in body["chunk"] if m["content"]["membership"] == "join")
-        if profiler is not None:
-            profiler.stop()
         idle_at = sampler.wait_idle(timeout=args.idle_timeout)
         result["t_idle"] = idle_at - started if idle_at is not None else None
+        # The same request again once the joiner is idle (or the idle wait
+        # gave up): what /members costs with nothing else running, so that
+        # T_members minus this is what it paid for work still going on.
+        members_profiler = Profiler(joiner.pid, profiler.prefix.with_name(profiler.prefix.name + "-members-idle")) \
+            if profiler is not None else None  # type: ignore[arg-type]
+        if members_profiler is not None:
+            time.sleep(0.5)  # (py-spy attaching)
+        members_started = time.monotonic()
+        status, body = http("GET", f"{base}/rooms/{room}/members", token, timeout=args.timeout)
+        result["t_members_idle"] = time.monotonic() - members_started
+        if members_profiler is not None:
+            members_profiler.stop()
+        if status != 200:
+            raise RuntimeError(f"/members (idle) failed: {status}")
         result.update(sampler.finish())
 
         if traffic:
@@ -440,7 +461,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in runs if r["ok"]]
         row: dict[str, Any] = {"db": db, "members": n, "servers": s, "traffic": traffic, "dead": dead,
                                "kinds": kinds, "variant": variant, "runs": len(runs), "ok": len(ok)}
-        for key in ("t_join", "t_full", "t_members", "t_idle", "peak_rss_to_full_mb", "peak_rss_mb", "cpu_s", "latency_p50_ms",
+        for key in ("t_join", "t_full", "t_members", "t_members_idle", "t_idle", "peak_rss_to_full_mb", "peak_rss_mb", "cpu_s", "latency_p50_ms",
                     "latency_p99_ms", "latency_max_ms", "live_injected", "live_persisted", "live_all_after_full_s"):
             row[key] = median([r[key] for r in ok if r.get(key) is not None])
         row["members_match"] = all(r.get("members_match") for r in ok) if ok else None
@@ -463,7 +484,7 @@ def fmt(value: Any, spec: str = ".1f") -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| db | N | S | traffic/s | variant | ok/runs | T_join s | T_full s | × stock | T_members s | T_idle s "
+    head = ("| db | N | S | traffic/s | variant | ok/runs | T_join s | T_full s | × stock | T_members s | idle T_members s | T_idle s "
             "| RSS to T_full MB | peak RSS MB | CPU s | p50 ms | p99 ms | max ms | live persisted | members = | state = |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in sorted(rows, key=lambda r: (r["db"], r["traffic"], r["members"], VARIANTS.index(r["variant"]))):
@@ -474,7 +495,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['db']} | {r['members']:,} | {r['servers']:,} | {r['traffic']:g} | {r['variant']} "
             f"| {r['ok']}/{r['runs']} | {fmt(r['t_join'], '.2f')} | {fmt(r['t_full'])} "
-            f"| {fmt(r.get('t_full_speedup_vs_stock'), '.2f')} | {fmt(r['t_members'])} | {fmt(r.get('t_idle'))} | {fmt(r.get('peak_rss_to_full_mb'), '.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
+            f"| {fmt(r.get('t_full_speedup_vs_stock'), '.2f')} | {fmt(r['t_members'])} | {fmt(r.get('t_members_idle'))} | {fmt(r.get('t_idle'))} | {fmt(r.get('peak_rss_to_full_mb'), '.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
             f"| {fmt(r['cpu_s'])} | {fmt(r['latency_p50_ms'], '.0f')} | {fmt(r['latency_p99_ms'], '.0f')} "
             f"| {fmt(r['latency_max_ms'], '.0f')} | {live} | {fmt(r['members_match'])} | {fmt(r['state_match'])} |"
         )
@@ -578,7 +599,8 @@ def main() -> int:
     parser.add_argument("--idle-timeout", type=float, default=900.0,
                         help="how long to wait after /members for the joiner to go idle (T_idle)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="record the joiner with py-spy from the join until /members (raw stacks in DIR)")
+                        help="record the joiner with py-spy from the join until T_full, and apart during each"
+                             " /members request (raw stacks in DIR: *-members.txt, *-members-idle.txt)")
     parser.add_argument("--keep", action="store_true", help="keep each run's data directory")
     parser.add_argument("--module-config", metavar="JSON",
                         help="merged into the patched joiner's module config, e.g."
@@ -627,7 +649,7 @@ def main() -> int:
                         results.append(r)
                         if r["ok"]:
                             log(f"  join {r['t_join']:.2f}s full {r['t_full']:.1f}s members {r['t_members']:.1f}s"
-                                f" idle {fmt(r.get('t_idle'))}s"
+                                f" (idle {fmt(r.get('t_members_idle'))}s) idle {fmt(r.get('t_idle'))}s"
                                 f" rss {r['peak_rss_mb']:.0f}MB cpu {r['cpu_s']:.0f}s p99 {r['latency_p99_ms']:.0f}ms"
                                 + (f" live {r['live_persisted']}/{r['live_injected']}" if traffic else ""))
                         if args.keep or not r["ok"]:

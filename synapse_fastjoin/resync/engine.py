@@ -151,7 +151,7 @@ class ResyncEngine:
         self.checkpool = CheckPool(reactor, config.check_processes)
         reactor.addSystemEventTrigger("before", "shutdown", self.checkpool.stop)
         self._wal_hold = WalCheckpointHold(
-            hs.get_datastores().main.db_pool, config.sqlite_wal_autocheckpoint
+            hs.get_datastores().main.db_pool, config.sqlite_wal_autocheckpoint, reactor=reactor
         )
 
     async def resync_room(
