@@ -39,6 +39,10 @@ HandleDeltas = Callable[[list["StateDelta"]], Awaitable[None]]
 
 # Below this a run goes through Synapse's code: batching a handful gains nothing.
 _MIN_RUN = 4
+# A run's events are fetched and its rows written this many deltas at a time:
+# a big room's run is the whole room (200,000 events held at once were most of
+# the joiner's memory peak after a resync).
+_CHUNK = 1000
 
 
 class UserDirectoryBatcher:
@@ -79,12 +83,17 @@ class UserDirectoryBatcher:
             # shares the room with whom; its own code does that.
             await one_by_one(run)
             return
+        for start in range(0, len(run), _CHUNK):
+            await self._write_chunk(store, room_id, run[start : start + _CHUNK])
+        self.batched += len(run)
+
+    async def _write_chunk(self, store: Any, room_id: str, chunk: list["StateDelta"]) -> None:
         # As `_get_key_change` and `_handle_possible_remote_profile_change`
         # fetch each event (the same defaults: redacted events as redacted).
-        events = await store.get_events([d.event_id for d in run if d.event_id is not None])
+        events = await store.get_events([d.event_id for d in chunk if d.event_id is not None])
         profiles = []
         joined = []
-        for delta in run:
+        for delta in chunk:
             event = events.get(delta.event_id) if delta.event_id is not None else None
             # With no previous membership, a delta is a join for the directory
             # exactly when the event's membership is "join"; anything else
@@ -105,7 +114,6 @@ class UserDirectoryBatcher:
             )
         if joined:
             await store.add_users_in_public_rooms(room_id, joined)
-        self.batched += len(run)
 
 
 def _plain_remote_join(handler: "UserDirectoryHandler", delta: "StateDelta") -> bool:

@@ -21,6 +21,7 @@ from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import make_event_from_dict
 
+from synapse_fastjoin.handlers import user_directory
 from synapse_fastjoin.handlers.user_directory import UserDirectoryBatcher
 from tests.harness.fakehs.events import finalise_event
 from tests.harness.inprocess import make_homeserver
@@ -83,8 +84,8 @@ class Room:
         self.add(user if membership == "join" else CREATOR, "m.room.member", {"membership": membership, **profile}, user)
 
 
-def _room(version: str, join_rule: str) -> Room:
-    room = Room(version, join_rule, f"userdir-{join_rule}")
+def _room(version: str, join_rule: str, tag: str = "") -> Room:
+    room = Room(version, join_rule, f"userdir-{join_rule}{tag}")
     for i in range(120):
         server = REMOTE if i % 3 else OTHER
         profile: dict[str, Any] = {}
@@ -162,18 +163,35 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynapseHomeServer
     return theirs, ours, batcher
 
 
+@pytest.mark.parametrize("chunk", [1000, 7])
 @pytest.mark.parametrize("version", ["10", "12"])
 @pytest_twisted.ensureDeferred
-async def test_user_directory_rows_equal_synapse_s(servers, version: str) -> None:
+async def test_user_directory_rows_equal_synapse_s(
+    servers, version: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also with a run cut into chunks of 7 (a big room's run is cut into
+    chunks of 1,000: its events are never all held at once)."""
+    monkeypatch.setattr(user_directory, "_CHUNK", chunk)
     theirs, ours, batcher = servers
     for join_rule in ("public", "invite"):
-        room = _room(version, join_rule)
+        room = _room(version, join_rule, f"-{chunk}")
         for hs in (theirs, ours):
             await _store(hs, room)
+    store = ours.get_datastores().main
+    asked: list[int] = []
+    get_events = store.get_events
+
+    async def counting_get_events(event_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(len(list(event_ids)))
+        return await get_events(event_ids, *args, **kwargs)
+
+    monkeypatch.setattr(store, "get_events", counting_get_events)
     before = batcher.batched
     for hs in (theirs, ours):
         await _process_deltas(hs)
+    monkeypatch.setattr(store, "get_events", get_events)
     assert batcher.batched > before + 50, "the public room's joins were not batched"
+    assert asked and max(asked) <= chunk, asked
     expected, got = await _tables(theirs), await _tables(ours)
     assert expected["users_in_public_rooms"] and expected["user_directory_stale_remote_users"], expected
     for table in TABLES:
