@@ -384,3 +384,24 @@ async def test_transactions_per_thousand_deltas(homeserver: SynapseHomeServer) -
     # The module: a few per chunk of events, none per delta.
     assert ours["stats_work"][0] <= 2 * chunks + 2, ours["stats_work"]
     assert ours["presence_work"][0] <= 2 * chunks + 2, ours["presence_work"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_module_registers_the_callback(homeserver: SynapseHomeServer) -> None:
+    """The module, as Synapse loads it, registers its answer with the patch's hook."""
+    from synapse_fastjoin.module import FastJoinModule
+
+    hs = homeserver
+    module = FastJoinModule(FastJoinModule.parse_config({}), hs.get_module_api())
+    registered = _callbacks(hs)._state_delta_memberships
+    assert registered == module.state_delta_memberships.memberships
+    room = Room("12", "registered")
+    room.member(f"@resident:{SERVER}", "join")
+    joined = room.member(f"@a:{REMOTE}", "join")
+    rejected = room.member(f"@b:{REMOTE}", "join", kind="rejected")
+    await _persist(hs, room)
+    assert await _callbacks(hs).state_delta_memberships([joined, rejected, "$missing"]) == {
+        joined: "join",
+        rejected: None,
+        "$missing": None,
+    }
