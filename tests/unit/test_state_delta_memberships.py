@@ -13,7 +13,8 @@ made-up deltas pointing at a missing event, a rejected one, a redacted one, an
 outlier, a non-member event, a deleted state entry and non-member state, go
 through `StatsHandler._handle_deltas` (the room and user stats deltas it
 returns) and `PresenceHandler._newly_joined_users` (the users it finds newly
-joined), once with no callback registered and once with the module's, from a
+joined; and, through `_handle_state_delta`, the presence it would send where),
+once with no callback registered and once with the module's, from a
 cold event cache each time; the answers must be equal. A callback that fails
 must leave the answers as with none, read one event at a time. With the module,
 1,000 member deltas (2,000 distinct events) must take a few database
@@ -207,7 +208,30 @@ async def _run(hs: SynapseHomeServer, deltas: list[StateDelta], counting: Counti
         by_room.setdefault(delta.room_id, []).append(delta)
     joined = {room_id: await presence._newly_joined_users(room_id, ds) for room_id, ds in by_room.items()}  # type: ignore[attr-defined]
     presence_work = counting.reset()
-    return {"stats": stats_answer, "presence": joined, "stats_work": stats_work, "presence_work": presence_work}
+
+    # And the whole of `_handle_state_delta`: what it would send where
+    # (recorded, not sent).
+    sent: list[tuple[list[str], list[str]]] = []
+
+    async def record(destinations: Any, states: Any) -> None:
+        sent.append((sorted(destinations), sorted(state.user_id for state in states)))
+
+    queue = presence._federation_queue  # type: ignore[attr-defined]
+    queue.send_presence_to_destinations = record
+    try:
+        _cold_event_cache(hs)
+        for room_id, ds in by_room.items():
+            await presence._handle_state_delta(room_id, ds)  # type: ignore[attr-defined]
+    finally:
+        del queue.send_presence_to_destinations
+    counting.reset()
+    return {
+        "stats": stats_answer,
+        "presence": joined,
+        "sent": sent,
+        "stats_work": stats_work,
+        "presence_work": presence_work,
+    }
 
 
 def _callbacks(hs: SynapseHomeServer) -> Any:
@@ -313,6 +337,7 @@ async def test_memberships_equal_get_event(homeserver: SynapseHomeServer) -> Non
     assert any(c.get("banned_members", 0) for c in room_stats.values()), room_stats
     assert stock["stats"][1], "no local user's joined rooms changed"
     assert all(len(users) > 10 for users in stock["presence"].values()), stock["presence"]
+    assert stock["sent"] and any(f"@u3:{SERVER}" in users for _, users in stock["sent"]), stock["sent"]
     # An outlier's join counts, a redacted join is still a join (before and
     # after), a missing or rejected event is none.
     joined_10 = stock["presence"][special["room-10"]]
@@ -324,6 +349,7 @@ async def test_memberships_equal_get_event(homeserver: SynapseHomeServer) -> Non
     ours = await _run(hs, deltas, counting)
     assert ours["stats"] == stock["stats"]
     assert ours["presence"] == stock["presence"]
+    assert ours["sent"] == stock["sent"]
     assert module.answered > 50
     # Far fewer transactions.
     assert ours["stats_work"][0] * 4 < stock["stats_work"][0], (ours["stats_work"], stock["stats_work"])
@@ -336,6 +362,7 @@ async def test_memberships_equal_get_event(homeserver: SynapseHomeServer) -> Non
     _callbacks(hs)._state_delta_memberships = broken
     failed = await _run(hs, deltas, counting)
     assert failed["stats"] == stock["stats"] and failed["presence"] == stock["presence"]
+    assert failed["sent"] == stock["sent"]
     # ... read one event at a time again (the counts vary by a few between
     # runs: caches other than the event cache stay warm).
     assert failed["stats_work"][0] > 4 * ours["stats_work"][0], (failed, ours)
