@@ -22,6 +22,7 @@ from synapse_fastjoin.handlers.make_join import MakeJoinState
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
 from synapse_fastjoin.handlers.presence import PartialStatePresence
 from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
+from synapse_fastjoin.handlers.state_deltas import StateDeltaMemberships
 from synapse_fastjoin.handlers.user_directory import UserDirectoryBatcher
 from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
@@ -104,6 +105,9 @@ class FastJoinModule:
         self.provisional_rejections = ProvisionalRejections(api._hs)
         self.user_directory = UserDirectoryBatcher()
         self.make_join_state = MakeJoinState(api._hs)
+        # The memberships of a batch of state deltas, for the stats and
+        # presence handlers (whichever process runs them).
+        self.state_delta_memberships = StateDeltaMemberships(api._hs)
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
@@ -130,6 +134,7 @@ class FastJoinModule:
             user_directory_deltas=self.user_directory.handle_deltas,
             joined_member_count=self.store.joined_member_count,
             make_join_state_ids=self.make_join_state.state_ids,
+            state_delta_memberships=self.state_delta_memberships.memberships,
             on_inbound_event_staged=(
                 self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
             ),
