@@ -12,7 +12,7 @@ patches Synapse) works without importing Synapse itself.
 
 from typing import Any
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = ["FastJoinModule", "__version__"]
 
