@@ -405,7 +405,9 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
 
 def _write(results: list[dict[str, Any]]) -> None:
     out = Path(os.environ.get("FASTJOIN_RESIDENT_BENCH_OUT", ROOT / "docs/bench/resident-send-join"))
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    # Appended, not with_suffix: a prefix may hold dots ("resident-0.7-sqlite").
+    json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
+    json_path.write_text(json.dumps(results, indent=1))
     lines = [
         "| members | variant | /send_join | time (median) | CPU | DB txns | peak RSS growth | state | auth_chain | bytes |",
         "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -416,5 +418,5 @@ def _write(results: list[dict[str, Any]]) -> None:
             f" | {r['cpu_seconds'] * 1000:.0f} ms | {r['db_transactions']:.0f}"
             f" | {r['rss_growth_mib']:.1f} MiB | {r['state']:,} | {r['auth_chain']:,} | {r['bytes']:,} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    md_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
