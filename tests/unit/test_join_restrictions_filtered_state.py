@@ -36,7 +36,8 @@ from synapse.events.snapshot import UnpersistedEventContextBase
 from synapse.types import StateMap
 
 from tests.harness.inprocess import homeserver_on_fresh_database
-from tests.unit.test_joined_member_count_parity import CREATOR, REMOTE, Room, _persist
+from tests.harness.rooms import CREATOR, REMOTE, Room
+from tests.harness.rooms import persist as _persist
 
 JOINER = "joiner.example"
 OTHER = "other.example"

@@ -21,97 +21,23 @@ counts anew.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 
-from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
 from synapse.app.homeserver import SynapseHomeServer
-from synapse.events import make_event_from_dict
 from synapse.storage.engines import PostgresEngine
 
 from synapse_fastjoin.storage.member_counts import joined_member_count_txn
 from synapse_fastjoin.storage.schema import prepare_schema_txn
 from synapse_fastjoin.storage.store import FastJoinStore
-from tests.harness.fakehs.events import finalise_event
 from tests.harness.inprocess import homeserver_on_fresh_database
+from tests.harness.rooms import CREATOR, REMOTE, Room
+from tests.harness.rooms import persist as _persist
 
 SERVER = "counts.test"
-REMOTE = "remote.example"
-CREATOR = f"@creator:{REMOTE}"
-TS = 1_700_000_000_000
-
-
-class Room:
-    """A linear room DAG, built event by event (state resolution is not
-    exercised: every event has one prev event)."""
-
-    def __init__(self, version: str, tag: str) -> None:
-        self.version: RoomVersion = KNOWN_ROOM_VERSIONS[version]
-        self.state: dict[tuple[str, str], str] = {}
-        self.tip: str | None = None
-        self.depth = 0
-        self.pending: list[tuple[dict[str, Any], bool]] = []
-        create: dict[str, Any] = {"room_version": version, "tag": tag}
-        if self.version.msc4291_room_ids_as_hashes:
-            self.room_id = ""
-        else:
-            create["creator"] = CREATOR
-            self.room_id = f"!{tag}-{version}:{REMOTE}"
-        self.add(CREATOR, "m.room.create", create, "")
-        if self.version.msc4291_room_ids_as_hashes:
-            self.room_id = "!" + self.state[("m.room.create", "")][1:]
-        self.add(CREATOR, "m.room.member", {"membership": "join"}, CREATOR)
-        self.add(CREATOR, "m.room.power_levels", {"users": {CREATOR: 100}}, "")
-        self.add(CREATOR, "m.room.join_rules", {"join_rule": "knock"}, "")
-
-    def add(
-        self, sender: str, etype: str, content: dict[str, Any], state_key: str, rejected: bool = False
-    ) -> None:
-        auth = [
-            self.state[k]
-            for k in (("m.room.create", ""), ("m.room.power_levels", ""), ("m.room.member", sender))
-            if k in self.state and not (k[0] == "m.room.create" and self.version.msc4291_room_ids_as_hashes)
-        ]
-        self.depth += 1
-        event: dict[str, Any] = {
-            "type": etype,
-            "sender": sender,
-            "content": content,
-            "state_key": state_key,
-            "depth": self.depth,
-            "origin_server_ts": TS + self.depth,
-            "prev_events": [self.tip] if self.tip else [],
-            "auth_events": auth,
-        }
-        if self.room_id:
-            event["room_id"] = self.room_id
-        event_id = finalise_event(self.version, event, sender.split(":", 1)[1])
-        self.pending.append((event, rejected))
-        # A rejected event hangs off the DAG: nothing builds on it.
-        if not rejected:
-            self.tip = event_id
-            self.state[(etype, state_key)] = event_id
-
-    def member(self, user: str, membership: str, by: str | None = None, rejected: bool = False, **extra: Any) -> None:
-        sender = by or (user if membership in ("join", "leave", "knock") else CREATOR)
-        self.add(sender, "m.room.member", {"membership": membership, **extra}, user, rejected)
-
-
-async def _persist(hs: SynapseHomeServer, room: Room) -> None:
-    store = hs.get_datastores().main
-    if not await store.get_room(room.room_id):
-        await store.store_room(room.room_id, CREATOR, True, room.version)
-    for raw, rejected in room.pending:
-        event = make_event_from_dict(copy.deepcopy(raw), room.version)
-        context = await hs.get_state_handler().compute_event_context(event)
-        if rejected:
-            context.rejected = "auth_error"
-        await hs.get_storage_controllers().persistence.persist_event(event, context)
-    room.pending = []
 
 
 async def _assert_counts_equal(hs: SynapseHomeServer, room_ids: list[str]) -> dict[str, int]:
@@ -149,9 +75,9 @@ def _churn(room: Room, base: int) -> None:
     room.member(users[5], "ban", by=CREATOR)
     room.member(users[5], "leave", by=CREATOR)  # unban
     room.member(users[2], "join")  # back
-    room.member(users[6], "leave", rejected=True)  # rejected: still joined
-    room.member(f"@never:{REMOTE}", "join", rejected=True)  # rejected: never joined
-    room.member(users[4], "join", rejected=True)  # banned: stays banned
+    room.member(users[6], "leave", kind="rejected")  # rejected: still joined
+    room.member(f"@never:{REMOTE}", "join", kind="rejected")  # rejected: never joined
+    room.member(users[4], "join", kind="rejected")  # banned: stays banned
     room.member(f"@late:{REMOTE}", "invite")
     room.member(f"@late:{REMOTE}", "leave")  # invite rejected
 

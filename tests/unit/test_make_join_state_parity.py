@@ -29,7 +29,8 @@ from synapse.app.homeserver import SynapseHomeServer
 
 from synapse_fastjoin.handlers.make_join import MakeJoinState
 from tests.harness.inprocess import homeserver_on_fresh_database
-from tests.unit.test_joined_member_count_parity import CREATOR, REMOTE, Room, _persist
+from tests.harness.rooms import CREATOR, REMOTE, Room
+from tests.harness.rooms import persist as _persist
 
 JOINER = "joiner.example"
 OTHER = "other.example"
