@@ -179,6 +179,13 @@ async def assert_complete(j: Joined) -> list[dict[str, Any]]:
 
     await poll_until(left_partial, timeout=TIMEOUT, description="the admin API to forget the room")
     assert j.q("SELECT count(*) FROM partial_state_rooms") == [(0,)]
+    # The history row is written a moment after the room leaves the admin
+    # API's list (the engine's last step); the tests read it next.
+    await poll_until(
+        lambda: j.q("SELECT count(*) FROM fastjoin_resync_history WHERE room_id = ?", j.room_id) != [(0,)],
+        timeout=TIMEOUT,
+        description="the resync's history row",
+    )
     assert j.q("SELECT count(*) FROM partial_state_events") == [(0,)]
 
     # Nothing lost: the resident's whole current state is stored, accepted,
