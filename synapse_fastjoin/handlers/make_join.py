@@ -16,20 +16,15 @@ So the map this returns (those keys, as they are in `current_state_events`)
 leads to the same answer as the whole map. When Synapse's cache of the whole
 map holds the room,
 this returns None and Synapse uses the cached map: a hit is never replaced by
-a database read. Keys in Synapse's per-key cache (`_get_current_state_event_id`,
-invalidated with the room's current state) are taken from it; the others are
-read one statement a key (storage/state_keys.py), which SQLite answers from
-the unique index where Synapse's batched read scans the room.
+a database read. The keys are read through Synapse's own lookup
+(`_get_current_state_event_ids`: its per-key cache, then one batched read,
+which patch 0025 makes an index lookup per key on SQLite).
 """
 
 from synapse.api.constants import EventTypes
 from synapse.server import HomeServer
 from synapse.storage.databases.main import DataStore
 
-from synapse_fastjoin.storage.state_keys import current_state_event_ids_txn
-
-# A value no cache holds.
-_MISS = object()
 
 
 class MakeJoinState:
@@ -52,19 +47,5 @@ class MakeJoinState:
             (EventTypes.Member, user_id),
             *((EventTypes.Member, u) for u in local_users),
         ]
-        per_key = self._store._get_current_state_event_id.cache  # type: ignore[attr-defined]
-        found: dict[tuple[str, str], str] = {}
-        missing: list[tuple[str, str]] = []
-        for key in dict.fromkeys(keys):
-            cached = per_key.get_immediate((room_id, key), _MISS, update_metrics=False)
-            if cached is _MISS:
-                missing.append(key)
-            elif cached is not None:
-                found[key] = cached
-        if missing:
-            found.update(
-                await self._store.db_pool.runInteraction(
-                    "fastjoin_make_join_state_ids", current_state_event_ids_txn, room_id, missing
-                )
-            )
-        return found
+        ids = await self._store._get_current_state_event_ids(room_id, list(dict.fromkeys(keys)))
+        return {key: event_id for key, event_id in ids.items() if event_id is not None}
