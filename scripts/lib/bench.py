@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -273,6 +274,47 @@ def persisted(server: SynapseServer, event_ids: list[str]) -> int:
     return count
 
 
+def live_timings(server: SynapseServer, event_ids: list[str], full_wall_ms: int) -> dict[str, Any]:
+    """How the live events fared, from the joiner's own rows: each one's lag
+    from its creation at the resident (`origin_server_ts`; one machine, one
+    clock) to its storing as accepted (`events.received_ts`), and how many
+    were stored while the room was still partial (before T_full)."""
+    lags: list[float] = []
+    during = 0
+    p = server.database.placeholder
+    for i in range(0, len(event_ids), 500):
+        chunk = event_ids[i : i + 500]
+        rows = server.database.query(
+            f"SELECT e.origin_server_ts, e.received_ts FROM events e LEFT JOIN rejections r USING (event_id)"
+            f" WHERE e.outlier = {'FALSE' if server.database.backend == 'postgres' else '0'}"
+            f" AND r.event_id IS NULL AND e.event_id IN ({','.join([p] * len(chunk))})",
+            tuple(chunk),
+        )
+        for origin_ts, received_ts in rows:
+            lags.append((received_ts - origin_ts) / 1000)
+            during += received_ts <= full_wall_ms
+    lags.sort()
+
+    def pick(q: float) -> float | None:
+        return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else None
+
+    return {"live_during_partial": during, "live_lag_p50_s": pick(0.5), "live_lag_p99_s": pick(0.99),
+            "live_lag_max_s": pick(1.0)}
+
+
+_CATCHUP_LINE = re.compile(r"caught up (\d+) events that arrived while partial in ([0-9.]+) s")
+
+
+def catchup_from_log(server: SynapseServer) -> dict[str, Any]:
+    """The engine's catch-up of the events stored while partial, from its log
+    line (none: nothing to catch up, or stock Synapse)."""
+    done = seconds = 0.0
+    for match in _CATCHUP_LINE.finditer(server.read_log()):
+        done += int(match.group(1))
+        seconds += float(match.group(2))
+    return {"catchup_events": int(done), "catchup_s": seconds} if done else {}
+
+
 class LiveWatcher(threading.Thread):
     """From T_full on, how long until every injected live event is stored as
     accepted (issue 10: within 30 s of T_full); checked once a second, for at
@@ -282,6 +324,7 @@ class LiveWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.event_ids, self.since, self.limit = server, event_ids, since, limit
         self.done_after: float | None = None
+        self.error: str | None = None
         self.stop_event = threading.Event()
         self.start()
 
@@ -291,8 +334,8 @@ class LiveWatcher(threading.Thread):
                 if persisted(self.server, self.event_ids) >= len(self.event_ids):
                     self.done_after = time.monotonic() - self.since
                     return
-            except Exception:
-                pass  # the database is busy: next second
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"  # the database is busy: next second
             self.stop_event.wait(1.0)
 
     def finish(self) -> float | None:
@@ -374,6 +417,7 @@ def run_one(
         status, body = http("GET", f"{base}/rooms/{room}/state/m.room.member/{remote_member}", token,
                             timeout=max(1.0, args.timeout - (time.monotonic() - started)))
         result["t_full"] = time.monotonic() - started
+        full_wall_ms = int(time.time() * 1000)
         # The resync's own peak, before /members (whose serialisation of every
         # member is Synapse's and the same in every variant) adds its own.
         result["peak_rss_to_full_mb"] = max(sampler.peak_rss, sampler.rss()) / 2**20
@@ -427,6 +471,10 @@ def run_one(
             result["live_injected"] = injected
             assert live_watch is not None
             result["live_all_after_full_s"] = live_watch.finish()
+            if live_watch.error is not None:
+                result["live_watch_error"] = live_watch.error
+            result.update(live_timings(joiner, ids, full_wall_ms))
+            result.update(catchup_from_log(joiner))
         expected_members = fake.control("GET", "/room/members")["members"]
         result["members_match"] = joined == expected_members
         expected_state = fake.control("GET", "/room/state")["state"]
@@ -462,7 +510,9 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"db": db, "members": n, "servers": s, "traffic": traffic, "dead": dead,
                                "kinds": kinds, "variant": variant, "runs": len(runs), "ok": len(ok)}
         for key in ("t_join", "t_full", "t_members", "t_members_idle", "t_idle", "peak_rss_to_full_mb", "peak_rss_mb", "cpu_s", "latency_p50_ms",
-                    "latency_p99_ms", "latency_max_ms", "live_injected", "live_persisted", "live_all_after_full_s"):
+                    "latency_p99_ms", "latency_max_ms", "live_injected", "live_persisted", "live_all_after_full_s",
+                    "live_during_partial", "live_lag_p50_s", "live_lag_p99_s", "live_lag_max_s",
+                    "catchup_events", "catchup_s"):
             row[key] = median([r[key] for r in ok if r.get(key) is not None])
         row["members_match"] = all(r.get("members_match") for r in ok) if ok else None
         row["state_match"] = all(r.get("state_match") for r in ok) if ok else None
@@ -498,6 +548,28 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {fmt(r.get('t_full_speedup_vs_stock'), '.2f')} | {fmt(r['t_members'])} | {fmt(r.get('t_members_idle'))} | {fmt(r.get('t_idle'))} | {fmt(r.get('peak_rss_to_full_mb'), '.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
             f"| {fmt(r['cpu_s'])} | {fmt(r['latency_p50_ms'], '.0f')} | {fmt(r['latency_p99_ms'], '.0f')} "
             f"| {fmt(r['latency_max_ms'], '.0f')} | {live} | {fmt(r['members_match'])} | {fmt(r['state_match'])} |"
+        )
+    return "\n".join(lines)
+
+
+def live_table(rows: list[dict[str, Any]]) -> str:
+    """Issue 10's figures for the runs with live traffic: how many live events
+    were stored while the room was partial, each one's lag from its creation
+    to its storing, and the engine's catch-up of them after the state came."""
+    rows = [r for r in rows if r["traffic"] and r.get("live_injected")]
+    if not rows:
+        return ""
+    head = ("| db | N | traffic/s | variant | T_full s | injected | stored while partial | stored in all "
+            "| all stored, s after T_full | lag p50 s | lag p99 s | lag max s | caught up | catch-up s | catch-up/s |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in sorted(rows, key=lambda r: (r["db"], r["traffic"], r["members"], VARIANTS.index(r["variant"]))):
+        done, took = r.get("catchup_events"), r.get("catchup_s")
+        lines.append(
+            f"| {r['db']} | {r['members']:,} | {r['traffic']:g} | {r['variant']} | {fmt(r['t_full'])} "
+            f"| {fmt(r['live_injected'], '.0f')} | {fmt(r.get('live_during_partial'), '.0f')} "
+            f"| {fmt(r['live_persisted'], '.0f')} | {fmt(r.get('live_all_after_full_s'))} "
+            f"| {fmt(r.get('live_lag_p50_s'))} | {fmt(r.get('live_lag_p99_s'))} | {fmt(r.get('live_lag_max_s'))} "
+            f"| {fmt(done, '.0f')} | {fmt(took)} | {fmt(done / took if done and took else None, '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -567,6 +639,9 @@ def write_outputs(
     # (The prefix may hold dots, as in engine-0.6-sqlite: add, never replace.)
     args.out.with_name(args.out.name + ".json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
     table = grid_table(rows) if args.grid else markdown_table(rows)
+    live = "" if args.grid else live_table(rows)
+    if live:
+        table += "\n\nLive events (issue 10):\n\n" + live
     args.out.with_name(args.out.name + ".md").write_text(table + "\n")
     if final and not args.grid:
         plot(rows, args.out.with_name(args.out.name + ".png"))
