@@ -46,6 +46,16 @@ class ResyncConfig:
     SQLite's 1,000 (`storage/sqlite_wal.py`); put back, and checkpointed, when
     the last resync ends. 0: SQLite's setting is left alone."""
 
+    sqlite_yield_ratio: float = 0.0
+    """On SQLite, where one connection runs every transaction of the server:
+    after each of the resync's writes (which holds the connection for 100–300
+    ms), the resync waits while other transactions (live events, clients) use
+    the connection, for at most this ratio of the time its write held it
+    (`storage/connection_share.py`). 1.0: the rest of the server gets at least
+    half of the connection while it has work (live events are stored during
+    the resync, not after it, and the resync takes longer); 0 (the default):
+    the resync never waits."""
+
     check_threads: int = 2
     """Worker threads for signature and hash checks."""
 
@@ -200,6 +210,7 @@ _RESYNC_PARSERS = {
     "bulk_writer": lambda key, v: _bool(key, v),
     "current_state_chunk_size": lambda key, v: _int(key, v, 0),
     "sqlite_wal_autocheckpoint": lambda key, v: _int(key, v, 0),
+    "sqlite_yield_ratio": lambda key, v: _number(key, v, 0),
     "check_threads": lambda key, v: _int(key, v, 1),
     "check_processes": lambda key, v: _int(key, v, 0),
     "check_process_min_events": lambda key, v: _int(key, v, 1),

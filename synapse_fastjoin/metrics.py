@@ -121,6 +121,11 @@ PROGRESS_COUNTERS: dict[str, tuple[str, str]] = {
         "catchup_seconds",
         "Time spent bringing events that arrived while partial to full state",
     ),
+    "synapse_fastjoin_resync_yielded_seconds": (
+        "yielded_seconds",
+        "Time resyncs waited after their writes while other transactions used "
+        "SQLite's one database connection (resync.sqlite_yield_ratio)",
+    ),
     "synapse_fastjoin_resync_retries": (
         "retries",
         "Retries of resyncs after a failure (the progress field `retries`)",

@@ -47,6 +47,7 @@ from synapse_fastjoin.resync.checks import Validation, raise_validation
 from synapse_fastjoin.resync.progress import ResyncProgress
 from synapse_fastjoin.resync.writes import OrderedWrites
 from synapse_fastjoin.storage.bulk import persist_outliers
+from synapse_fastjoin.storage.connection_share import ConnectionShare
 from synapse_fastjoin.storage.events import stored_event_ids_txn
 
 if TYPE_CHECKING:
@@ -99,11 +100,17 @@ class StatePersister:
         self.lock = Linearizer(name="fastjoin_persist", clock=self._clock)
         # Auth-checked events queued to be written (see resync/writes.py):
         # counted as stored by the auth checks of the next batches.
-        self._writes = OrderedWrites()
+        # On SQLite, each write gives the one connection back to the rest of
+        # the server while it has work (live events, clients).
+        self._connection_share = ConnectionShare(hs, config.sqlite_yield_ratio)
+        self._writes = OrderedWrites(self._write_sharing_connection)
         self._in_flight: dict[str, EventBase] = {}
         # `validate_event_for_room_version`'s outcome for events a check
         # process already ran it on.
         self._validated: dict[str, Validation] = {}
+
+    async def _write_sharing_connection(self, write: Callable[[], Awaitable[Any]]) -> None:
+        self._progress.yielded_seconds += await self._connection_share.run_write(write)
 
     async def take(self, result: Any) -> "defer.Deferred[None] | None":
         for event in result.accepted:

@@ -99,6 +99,10 @@ class ResyncProgress:
     catchup_remaining: int | None = None
     catchup_seconds: float = 0.0
     """Time spent in batched catch-up (events that arrived while partial)."""
+    yielded_seconds: float = 0.0
+    """Time the resync's writes waited for the rest of the server's
+    transactions on a single database connection (SQLite;
+    storage/connection_share.py)."""
     # Failures.
     retries: int = 0
     last_error: str | None = None
@@ -144,6 +148,8 @@ class ResyncProgress:
         if self.catchup_remaining is not None:
             parts.append(f"catch-up {self.catchup_done} done, {self.catchup_remaining} left")
         parts.extend(self._rate_and_eta())
+        if self.yielded_seconds >= 0.1:
+            parts.append(f"gave the database connection to other work for {self.yielded_seconds:.1f} s")
         if self.bad_signatures:
             parts.append(f"bad_signatures={self.bad_signatures}")
         if self.retries:

@@ -16,6 +16,10 @@ lets the auth checks of batch k+1 run while batch k is being written:
   and only writes whose checks began afterwards go on. The caller takes a
   `token()` before its checks and hands it to `queue()`.
 
+Each write runs through `run_write` if given, and the next write starts only
+once it has returned: the resync gives a single database connection back to
+the rest of the server there (storage/connection_share.py).
+
 Each queued write has a clean-up, called when it fails or is abandoned, so
 the caller can forget what it counted on (its events stay missing and are
 fetched again in a later round: nothing is lost, nothing is written that
@@ -35,7 +39,11 @@ class EarlierWriteFailed(Exception):
 
 
 class OrderedWrites:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        run_write: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] | None = None,
+    ) -> None:
+        self._run_write = run_write
         self._generation = 0
         self._tail: ObservableDeferred[None] | None = None
 
@@ -66,7 +74,10 @@ class OrderedWrites:
                 clean_up()
                 raise EarlierWriteFailed("an earlier batch's write failed; this batch will be fetched again")
             try:
-                await write()
+                if self._run_write is not None:
+                    await self._run_write(write)
+                else:
+                    await write()
             except BaseException:
                 self._generation += 1
                 clean_up()
