@@ -479,7 +479,12 @@ def run_one(
         result["members_match"] = joined == expected_members
         expected_state = fake.control("GET", "/room/state")["state"]
         result["state_match"] = current_state(joiner, fake.room_id) == sorted(expected_state)
-        result["bytes_served"] = fake.stats()["bytes_served"]
+        stats = fake.stats()
+        result["bytes_served"] = stats["bytes_served"]
+        if traffic:
+            # Whether the live traffic's sender got everything through.
+            result["fake_sender"] = {k: stats.get(k) for k in (
+                "injected_sent", "send_failures", "pdu_error_count", "pdu_errors", "send_queued")}
         result["ok"] = True
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"

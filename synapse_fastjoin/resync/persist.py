@@ -100,8 +100,8 @@ class StatePersister:
         self.lock = Linearizer(name="fastjoin_persist", clock=self._clock)
         # Auth-checked events queued to be written (see resync/writes.py):
         # counted as stored by the auth checks of the next batches.
-        # On SQLite, each write gives the one connection back to the rest of
-        # the server while it has work (live events, clients).
+        # On SQLite, each write may give the one connection back to the rest
+        # of the server while it has work (resync.sqlite_yield_ratio).
         self._connection_share = ConnectionShare(hs, config.sqlite_yield_ratio)
         self._writes = OrderedWrites(self._write_sharing_connection)
         self._in_flight: dict[str, EventBase] = {}

@@ -38,7 +38,6 @@ With a connection pool (PostgreSQL), transactions do not queue behind
 each other and nothing is changed.
 """
 
-import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from synapse.logging.context import current_context
@@ -47,8 +46,6 @@ from synapse.util.duration import Duration
 if TYPE_CHECKING:
     from synapse.server import HomeServer
     from synapse.storage.database import DatabasePool
-
-logger = logging.getLogger(__name__)
 
 # How often to look at the connection while it is given back.
 _POLL_S = 0.002
@@ -65,7 +62,7 @@ def _thread_pool(db_pool: "DatabasePool") -> Any:
     if not db_pool.engine.single_threaded:
         return None
     pool = getattr(getattr(db_pool, "_db_pool", None), "threadpool", None)
-    if pool is None or not hasattr(pool, "q") or not hasattr(pool, "working"):
+    if pool is None or not hasattr(pool, "q"):
         return None
     return pool
 

@@ -394,6 +394,12 @@ class FakeResident:
             "received_edus": len(self.received_edus),
             "injected": len(self.injected),
             "injected_sent": self._sender.sent,
+            # The live traffic's sender: requests failed (and retried), PDUs
+            # the joiner refused (by event id: its error), PDUs still queued.
+            "send_failures": self._sender.failures,
+            "pdu_errors": dict(list(self._sender.pdu_errors.items())[:20]),
+            "pdu_error_count": len(self._sender.pdu_errors),
+            "send_queued": {d: len(q) for d, q in self._sender.queues.items() if q},
             "joined_servers": list(self.joined_servers),
             "held": len(self._held),
             "rules": [r.as_json() for r in self.rules],
@@ -677,6 +683,8 @@ class _FederationSender:
         self.queues: dict[str, list[bytes]] = {}
         self.busy: set[str] = set()
         self.sent = 0
+        self.failures = 0
+        """/send requests that failed (no answer, or not 200): retried."""
         self.pdu_errors: dict[str, Any] = {}
         """event id -> the error a destination answered for it in /send."""
         self._txn = itertools.count(int(time.time()))
@@ -734,6 +742,7 @@ class _FederationSender:
             body = await response.content()
         except Exception as e:
             logger.warning("sending to %s failed: %s", destination, e)
+            self.failures += 1
             return False
         if response.code == 200:
             try:
@@ -746,6 +755,7 @@ class _FederationSender:
                 logger.warning("%s refused %d PDUs: %s", destination, len(errors), list(errors.items())[:3])
         if response.code != 200:
             logger.warning("sending to %s: HTTP %d", destination, response.code)
+            self.failures += 1
             return False
         self.sent += len(pdus)
         return True
