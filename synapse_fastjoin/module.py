@@ -226,6 +226,8 @@ class FastJoinModule:
             join_event_id,
             len(servers_in_room),
         )
+        if self._config.resync.keep_inbound_queue:
+            self.inbound_queue.partial_join(room_id)
         last_outcome = await self.store.record_partial_state_join(
             room_id, join_event_id, joined_via, _now_ms()
         )
@@ -272,7 +274,10 @@ class FastJoinModule:
             await self.metrics.resync_finished(room_id, complete, error)
         await self.store.record_resync_finished(room_id, complete, error, _now_ms())
         if complete and self._config.resync.keep_inbound_queue:
-            # What was dropped from the queue while partial, if its queue has room.
+            # Kept a while longer (the live events of the resync's end arrive
+            # while the join's after-work runs); and what was dropped from the
+            # queue while partial is fetched again, if its queue has room.
+            self.inbound_queue.resync_complete(room_id)
             self.inbound_queue.schedule_refill(room_id)
         if complete:
             try:

@@ -62,6 +62,13 @@ _RETRY_BASE_MS = 30_000
 _LOG_INTERVAL_S = 10.0
 # A check answered from the last one is at most this old.
 _RECHECK_S = 5.0
+# After a resync the queue is kept this long at least (and then until it has
+# drained below Synapse's prune threshold): the work the join leaves behind
+# (user directory, stats, clients reading the members) slows the room's
+# processing for a minute or more, and the live traffic of the resync's last
+# seconds arrives then. Synapse would prune a backlog of more than
+# PRUNE_THRESHOLD events at once, and fetch back only the last ten.
+_KEEP_AFTER_RESYNC_S = 300.0
 
 
 def _now_ms() -> int:
@@ -119,6 +126,8 @@ class InboundQueue:
         # Rooms whose queue the module keeps: partial-state rooms, until the
         # backlog they built has drained and no dropped event waits.
         self._protected: set[str] = set()
+        # room -> monotonic time until which its queue is kept after its resync.
+        self._kept_until: dict[str, float] = {}
         self._refilling: set[str] = set()
         # room -> (last "dropped" log time, dropped since that line)
         self._log_state: dict[str, tuple[float, int]] = {}
@@ -163,6 +172,18 @@ class InboundQueue:
             self._hs.get_federation_server()._handle_old_staged_events()
         await self.refill_all()
 
+    def partial_join(self, room_id: str) -> None:
+        """A partial-state join: the room's queue is kept from now on (even if
+        it stays short while the room is partial, and `may_prune` is not asked
+        then)."""
+        self._protected.add(room_id)
+
+    def resync_complete(self, room_id: str) -> None:
+        """The room has full state: its queue is kept for
+        `_KEEP_AFTER_RESYNC_S` more, and then until it has drained."""
+        self._protected.add(room_id)
+        self._kept_until[room_id] = self._monotonic() + _KEEP_AFTER_RESYNC_S
+
     async def may_prune(self, room_id: str) -> bool:
         """Patch 0006's callback, asked by Synapse before each next queued
         event of a room: whether Synapse may prune the queue (never while the
@@ -182,18 +203,26 @@ class InboundQueue:
             self._forget(room_id)
             return True
         # Processing an event only shortens the queue: while the room is
-        # partial, a check with room to spare needs no new one. (After the
-        # resync the check below also tells when Synapse takes over again.)
-        if partial and self._within_headroom(room_id, arriving=0):
+        # partial (or kept after its resync), a check with room to spare needs
+        # no new one. (After that the check below also tells when Synapse
+        # takes over again.)
+        kept = partial or self._monotonic() < self._kept_until.get(room_id, 0.0)
+        if kept and self._within_headroom(room_id, arriving=0):
             return False
         dropped, staged, pending = await self._check_bound(room_id)
         if dropped:
             self._note_dropped(room_id, dropped, staged, pending)
         if pending and self._room_for_refill(staged):
             self.schedule_refill(room_id)
-        if not partial and staged < PRUNE_THRESHOLD and not pending:
+        if (
+            not partial
+            and staged < PRUNE_THRESHOLD
+            and not pending
+            and self._monotonic() >= self._kept_until.get(room_id, 0.0)
+        ):
             # Drained after the resync: Synapse's own handling again.
             self._protected.discard(room_id)
+            self._kept_until.pop(room_id, None)
             self._forget(room_id)
             return True
         return False
