@@ -1,4 +1,6 @@
-"""The inbound queue of a partial-state room: kept whole, on disk, and bounded.
+"""The inbound queue of a partial-state room: kept whole, on disk, and bounded,
+from the join until a while after the resync (`_KEEP_AFTER_RESYNC_S`, then until
+it has drained).
 
 Synapse stages every inbound PDU in `federation_inbound_events_staging` and
 processes a room's queue one event at a time (FederationServer
