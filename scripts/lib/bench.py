@@ -258,20 +258,25 @@ def current_state(server: SynapseServer, room_id: str) -> list[list[str]]:
     return sorted([list(r) for r in rows])
 
 
-def persisted(server: SynapseServer, event_ids: list[str]) -> int:
-    """How many of `event_ids` the server stored as accepted, non-outlier events."""
-    count = 0
+def accepted_rows(server: SynapseServer, event_ids: list[str], columns: str) -> list[tuple[Any, ...]]:
+    """`columns` of those of `event_ids` the server stored as accepted,
+    non-outlier events."""
+    rows: list[tuple[Any, ...]] = []
     p = server.database.placeholder
     for i in range(0, len(event_ids), 500):
         chunk = event_ids[i : i + 500]
-        rows = server.database.query(
-            f"SELECT COUNT(*) FROM events e LEFT JOIN rejections r USING (event_id)"
+        rows.extend(server.database.query(
+            f"SELECT {columns} FROM events e LEFT JOIN rejections r USING (event_id)"
             f" WHERE e.outlier = {'FALSE' if server.database.backend == 'postgres' else '0'}"
             f" AND r.event_id IS NULL AND e.event_id IN ({','.join([p] * len(chunk))})",
             tuple(chunk),
-        )
-        count += rows[0][0]
-    return count
+        ))
+    return rows
+
+
+def persisted(server: SynapseServer, event_ids: list[str]) -> int:
+    """How many of `event_ids` the server stored as accepted, non-outlier events."""
+    return len(accepted_rows(server, event_ids, "e.event_id"))
 
 
 def live_timings(server: SynapseServer, event_ids: list[str], full_wall_ms: int) -> dict[str, Any]:
@@ -279,21 +284,9 @@ def live_timings(server: SynapseServer, event_ids: list[str], full_wall_ms: int)
     from its creation at the resident (`origin_server_ts`; one machine, one
     clock) to its storing as accepted (`events.received_ts`), and how many
     were stored while the room was still partial (before T_full)."""
-    lags: list[float] = []
-    during = 0
-    p = server.database.placeholder
-    for i in range(0, len(event_ids), 500):
-        chunk = event_ids[i : i + 500]
-        rows = server.database.query(
-            f"SELECT e.origin_server_ts, e.received_ts FROM events e LEFT JOIN rejections r USING (event_id)"
-            f" WHERE e.outlier = {'FALSE' if server.database.backend == 'postgres' else '0'}"
-            f" AND r.event_id IS NULL AND e.event_id IN ({','.join([p] * len(chunk))})",
-            tuple(chunk),
-        )
-        for origin_ts, received_ts in rows:
-            lags.append((received_ts - origin_ts) / 1000)
-            during += received_ts <= full_wall_ms
-    lags.sort()
+    rows = accepted_rows(server, event_ids, "e.origin_server_ts, e.received_ts")
+    lags = sorted((received_ts - origin_ts) / 1000 for origin_ts, received_ts in rows)
+    during = sum(1 for _, received_ts in rows if received_ts <= full_wall_ms)
 
     def pick(q: float) -> float | None:
         return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else None
