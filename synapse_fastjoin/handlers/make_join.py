@@ -26,7 +26,6 @@ from synapse.server import HomeServer
 from synapse.storage.databases.main import DataStore
 
 
-
 class MakeJoinState:
     def __init__(self, hs: HomeServer) -> None:
         self._store: DataStore = hs.get_datastores().main
