@@ -118,6 +118,13 @@ class ResyncConfig:
     """Stop Synapse from pruning a partial-state room's queue of inbound events
     (which otherwise drops most live events during a long resync)."""
 
+    inbound_run_length: int = 100
+    """At most this many staged inbound events of a room are processed
+    together as one run (handlers/staged_runs.py: a chain of non-state events
+    on the room's forward extremities, checked event by event as Synapse
+    does, persisted with one call). 0: every event one at a time, as stock
+    Synapse. At most 100 (one persistence transaction)."""
+
     inbound_queue_limit: int = 10000
     """At most this many inbound events wait in a kept queue (a partial-state
     room's, see `keep_inbound_queue`); the newest past it are dropped from the
@@ -154,7 +161,7 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
-def _int(key: str, value: Any, minimum: int) -> int:
+def _int(key: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     # bool is a subclass of int in Python: `true` is not a number of days.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(
@@ -163,6 +170,10 @@ def _int(key: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ConfigError(
             f"'{key}' must be at least {minimum}, not {value}", path=_CONFIG_PATH + (key,)
+        )
+    if maximum is not None and value > maximum:
+        raise ConfigError(
+            f"'{key}' must be at most {maximum}, not {value}", path=_CONFIG_PATH + (key,)
         )
     return value
 
@@ -228,6 +239,7 @@ _RESYNC_PARSERS = {
     "log_interval_seconds": lambda key, v: _int(key, v, 1),
     "keep_inbound_queue": lambda key, v: _bool(key, v),
     "inbound_queue_limit": lambda key, v: _queue_limit(key, v),
+    "inbound_run_length": lambda key, v: _int(key, v, 0, 100),
 }
 
 

@@ -52,6 +52,7 @@ from synapse_fastjoin.resync.progress import (
 
 if TYPE_CHECKING:
     from synapse_fastjoin.handlers.inbound_queue import InboundQueueStats
+    from synapse_fastjoin.handlers.staged_runs import StagedRunStats
     from synapse.module_api import ModuleApi
 
     from synapse_fastjoin.resync.engine import ResyncEngine
@@ -162,6 +163,23 @@ INBOUND_COUNTERS: dict[str, tuple[str, str]] = {
     ),
 }
 
+# Counter name -> (StagedRunStats field, help): staged inbound events
+# processed in runs (resync.inbound_run_length, handlers/staged_runs.py).
+RUN_COUNTERS: dict[str, tuple[str, str]] = {
+    "synapse_fastjoin_inbound_runs_total": (
+        "runs",
+        "Runs of a room's staged inbound events processed together",
+    ),
+    "synapse_fastjoin_inbound_run_events_total": (
+        "events",
+        "Staged inbound events processed in runs (the rest go one at a time)",
+    ),
+    "synapse_fastjoin_inbound_runs_given_back_total": (
+        "given_back",
+        "Runs whose persistence failed, given back to Synapse's one-at-a-time path",
+    ),
+}
+
 # Every family labelled by server_name alone: (name, help, where its value is
 # in a server's `samples()`). A server whose samples lack the value (the
 # database not read yet, a thread pool without Twisted's legacy accessors) has
@@ -214,6 +232,7 @@ GAUGES: tuple[_Series, ...] = (
 COUNTERS: tuple[_Series, ...] = (
     *((name, doc, ("counters", field)) for name, (field, doc) in PROGRESS_COUNTERS.items()),
     *((name, doc, ("inbound", field)) for name, (field, doc) in INBOUND_COUNTERS.items()),
+    *((name, doc, ("runs", field)) for name, (field, doc) in RUN_COUNTERS.items()),
     (
         "synapse_fastjoin_resyncs_started",
         "Resync runs started in this process (after a join, or resumed on start-up)",
@@ -307,11 +326,14 @@ class FastJoinMetrics:
         api: "ModuleApi",
         engine: "ResyncEngine | None",
         inbound: "InboundQueueStats | None" = None,
+        runs: "StagedRunStats | None" = None,
     ) -> None:
         self._api = api
         self._engine = engine
         # Totals of bounded staging (handlers/inbound_queue.py) in this process.
         self._inbound = inbound
+        # Totals of the staged events' runs (handlers/staged_runs.py) in this process.
+        self._runs = runs
         self.server_name = api.server_name
         self._lock = threading.Lock()
         # Totals of the runs that ended; the runs going on, by room.
@@ -573,6 +595,10 @@ class FastJoinMetrics:
             "inbound": {
                 field: getattr(self._inbound, field) if self._inbound else 0
                 for field, _ in INBOUND_COUNTERS.values()
+            },
+            "runs": {
+                field: getattr(self._runs, field) if self._runs else 0
+                for field, _ in RUN_COUNTERS.values()
             },
         }
 

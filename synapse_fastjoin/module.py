@@ -18,6 +18,7 @@ from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.inbound_queue import InboundQueue
+from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.handlers.make_join import MakeJoinState
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
 from synapse_fastjoin.handlers.presence import PartialStatePresence
@@ -33,7 +34,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 10
+HOOKS_API_VERSION = 11
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -75,6 +76,9 @@ class FastJoinModule:
             config.resync.inbound_queue_limit,
             api.run_as_background_process,
         )
+
+        # Runs of a room's staged inbound events, processed together.
+        self.staged_runs = StagedRuns(api._hs, self.store, config.resync.inbound_run_length)
 
         # Synapse runs resyncs on the main process only; so does the engine.
         self.engine: ResyncEngine | None = None
@@ -138,12 +142,15 @@ class FastJoinModule:
             on_inbound_event_staged=(
                 self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
             ),
+            process_staged_run=(
+                self.staged_runs.process_staged_run if config.resync.inbound_run_length else None
+            ),
         )
 
         # Prometheus metrics (served by Synapse's metrics listener), main only.
         self.metrics: FastJoinMetrics | None = None
         if self._is_main_process:
-            self.metrics = FastJoinMetrics(api, self.engine, self.inbound_queue.stats)
+            self.metrics = FastJoinMetrics(api, self.engine, self.inbound_queue.stats, self.staged_runs.stats)
             self.metrics.start()
 
         if self._is_main_process:

@@ -32,3 +32,23 @@ def partial_state_events_in_order_txn(
         (room_id, limit),
     )
     return [row[0] for row in txn]
+
+
+def record_run_extremities_txn(
+    txn: LoggingTransaction, room_id: str, rows: list[tuple[str, int]]
+) -> None:
+    """The `stream_ordering_to_exterm` rows of a run of events persisted
+    together (handlers/staged_runs.py) as Synapse writes them for the same
+    events persisted one at a time: each (event, its own stream ordering),
+    since after each the room's one forward extremity was that event. Synapse's
+    batch wrote only the run's last accepted event, at the batch's highest
+    stream ordering."""
+    for batch, placeholders in in_list_batches([event_id for event_id, _ in rows], 1000):
+        txn.execute(
+            f"DELETE FROM stream_ordering_to_exterm WHERE room_id = ? AND event_id IN ({placeholders})",
+            [room_id, *batch],
+        )
+    txn.execute_batch(
+        "INSERT INTO stream_ordering_to_exterm (room_id, event_id, stream_ordering) VALUES (?, ?, ?)",
+        [(room_id, event_id, stream_ordering) for event_id, stream_ordering in rows],
+    )

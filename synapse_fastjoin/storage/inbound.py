@@ -17,7 +17,7 @@ The events are fetched again oldest first.
 Only ids, origins and timestamps are read: never the events themselves.
 """
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from synapse.storage.database import LoggingTransaction
 
@@ -296,3 +296,35 @@ def prune_done_txn(txn: LoggingTransaction, before_ts: int) -> int:
         (PENDING, before_ts),
     )
     return txn.rowcount
+
+
+# Rows (origin, event_id, event_json, internal_metadata) of the staging table.
+StagedEventRow = tuple[str, str, Any, Any]
+
+
+def next_staged_events_txn(txn: LoggingTransaction, room_id: str, limit: int) -> list[StagedEventRow]:
+    """The room's next `limit` staged events, in the order Synapse processes
+    them (`get_next_staged_event_for_room`: oldest received first), with
+    their JSON: the candidates of a run (handlers/staged_runs.py)."""
+    txn.execute(
+        "SELECT origin, event_id, event_json, internal_metadata FROM federation_inbound_events_staging"
+        " WHERE room_id = ? ORDER BY received_ts ASC LIMIT ?",
+        (room_id, limit),
+    )
+    return [(row[0], row[1], row[2], row[3]) for row in txn]
+
+
+def remove_staged_events_txn(txn: LoggingTransaction, rows: Iterable[tuple[str, str]]) -> list[int]:
+    """Delete the staged events (origin, event_id), as Synapse's
+    `remove_received_event_from_staging` does one at a time; the
+    received_ts of each row deleted."""
+    received: list[int] = []
+    for origin, event_id in rows:
+        txn.execute(
+            "DELETE FROM federation_inbound_events_staging WHERE origin = ? AND event_id = ? RETURNING received_ts",
+            (origin, event_id),
+        )
+        row = txn.fetchone()
+        if row is not None:
+            received.append(int(row[0]))
+    return received

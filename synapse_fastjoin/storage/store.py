@@ -13,7 +13,7 @@ from twisted.internet import defer
 from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
 
-from synapse_fastjoin.storage import inbound, servers
+from synapse_fastjoin.storage import events, inbound, servers
 from synapse_fastjoin.storage.member_counts import (
     joined_counts_kept_txn,
     joined_member_count_txn,
@@ -428,6 +428,21 @@ class FastJoinStore:
             limit,
             now_ms,
             quick,
+        )
+
+    async def next_staged_events(self, room_id: str, limit: int) -> list[inbound.StagedEventRow]:
+        return await self._interaction(
+            "fastjoin_next_staged_events", inbound.next_staged_events_txn, room_id, limit
+        )
+
+    async def remove_staged_events(self, rows: list[tuple[str, str]]) -> list[int]:
+        return await self._interaction(
+            "fastjoin_remove_staged_events", inbound.remove_staged_events_txn, rows
+        )
+
+    async def record_run_extremities(self, room_id: str, rows: list[tuple[str, int]]) -> None:
+        await self._interaction(
+            "fastjoin_record_run_extremities", events.record_run_extremities_txn, room_id, rows
         )
 
     async def count_staged(self, room_id: str) -> int:

@@ -1,0 +1,289 @@
+# Copyright (C) 2026 The synapse-fastjoin authors
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""A room's staged inbound events processed in runs (patch 0027).
+
+Synapse processes a room's staged inbound events one at a time
+(FederationServer `_process_incoming_pdus_in_room_inner`, then
+`FederationEventHandler.on_receive_pdu`), about thirty database transactions
+each. On SQLite every transaction of the process waits for the one
+connection, so a backlog drains at some 40 events a second on an idle server,
+and far slower while a resync writes. A backlog is what a busy room leaves
+while it resyncs, and what a burst leaves at any time.
+
+Patch 0027 offers the module the next staged event first. When it heads a
+*run*, the module processes the run together and does for each event what
+`on_receive_pdu` would, with Synapse's own functions; what it saves is the
+per-event overhead around them: one staging read and one staging delete for
+the run, one `persist_events` call (one forward-extremity update, one stream
+allocation, one wake of the notifier and of the replication listeners), one
+push-rule pass.
+
+A run is a chain of events that `on_receive_pdu` would take down its plain
+path, for which the outcome of processing them one after another is known
+before any of them is persisted:
+
+- the first event's prev events are exactly the room's forward extremities,
+  and each next event's only prev event is the event before it. So no prev
+  event is missing (no `get_missing_events`), and after each event Synapse's
+  extremities would be that event alone: the next event's soft-fail check
+  returns at once in Synapse's path (its prev events are the extremities),
+  as it does in partial-state rooms (no soft-fail while partial);
+- every event is a non-state event other than a redaction, is not yet
+  stored (not even as an outlier), passes `_sanity_check_event`, has every
+  auth event stored (so `_check_event_auth` asks no other server), is not
+  referenced as a prev event by a stored event (which would change the
+  extremities), and does not relate (`m.relates_to`) to an event of the run;
+- the spam checker's `should_drop_federated_event` keeps every event after
+  the first (Synapse asked for the first);
+- `_check_event_auth` accepts each one, except perhaps the last: an event it
+  rejects is persisted rejected (as Synapse would: no push actions, nothing
+  run after it) and ends the run; what follows it is left to Synapse.
+
+The state before a non-state event is the state after its prev event, so
+every event of a run has the first one's state group: the first event's
+context is Synapse's `compute_event_context`; each next one is what
+`compute_event_context` would build from its prev event (Synapse's
+`UnpersistedEventContext` with the group, the group's delta from Synapse's
+`get_state_group_delta`, and the first event's partial-state flag, which is
+what `get_partial_state_events` gives for a prev event persisted with it).
+
+An event the run cannot take ends the run; it and what follows are left to
+Synapse's own path, and the next run may start after it. A chain of one event
+is not worth it: the event is left to Synapse. Once the first context is
+computed the run is persisted, however short the auth checks leave it (the
+context may have stored a state group, which Synapse's path would store
+again). If the run's persistence fails
+(the room was un-partial-stated meanwhile, say), the run is given back to
+Synapse whole: its push actions are removed and nothing was removed from the
+staging area, so `on_receive_pdu` processes the first event afresh.
+`tests/unit/test_staged_runs_parity.py` drains the same staged events through
+Synapse's path and through runs into two databases and compares the rows.
+"""
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from synapse.api.constants import EventTypes
+from synapse.api.errors import AuthError, PartialStateConflictError, SynapseError
+from synapse.events import EventBase, make_event_from_dict, relation_from_event
+from synapse.events.snapshot import EventContext, UnpersistedEventContext
+from synapse.federation.federation_server import pdu_process_time
+from synapse.metrics import SERVER_NAME_LABEL
+from synapse.storage._base import db_to_json
+
+from synapse_fastjoin.storage.store import FastJoinStore
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+# Runs shorter than this are left to Synapse: nothing to save.
+_MIN_RUN = 2
+
+
+class StagedRunStats:
+    """Counts for the metrics: runs processed, events in them."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.events = 0
+        self.given_back = 0
+
+
+class StagedRuns:
+    def __init__(self, hs: "HomeServer", store: FastJoinStore, run_length: int) -> None:
+        self._hs = hs
+        self._store = store
+        self._run_length = run_length
+        self.stats = StagedRunStats()
+        self._ready = False
+
+    def _setup(self) -> None:
+        # Synapse's handlers are made when first asked for: not while the
+        # module is being loaded.
+        hs = self._hs
+        self._main = hs.get_datastores().main
+        self._persist_store = hs.get_datastores().persist_events
+        self._storage = hs.get_storage_controllers()
+        self._state_handler = hs.get_state_handler()
+        self._state_deletion = hs.get_datastores().state_deletion
+        self._federation_event_handler = hs.get_federation_event_handler()
+        self._event_auth_handler = hs.get_event_auth_handler()
+        self._spam_checker = hs.get_module_api_callbacks().spam_checker
+        self._push_evaluator = hs.get_bulk_push_rule_evaluator()
+        self._server_name = hs.hostname
+        self._instance_name = hs.get_instance_name()
+        self._clock = hs.get_clock()
+        self._ready = True
+
+    async def process_staged_run(self, origin: str, event: EventBase, room_version: Any) -> bool:
+        """Patch 0027's callback: process the run `event` heads, or say no."""
+        if not self._ready:
+            self._setup()
+        room_id = event.room_id
+        if self._hs.config.worker.events_shard_config.get_instance(room_id) != self._instance_name:
+            return False
+        if room_id in self._federation_event_handler.room_queues:
+            return False
+        staged = await self._store.next_staged_events(room_id, self._run_length)
+        if len(staged) < _MIN_RUN or (staged[0][0], staged[0][1]) != (origin, event.event_id):
+            return False
+        candidates: list[tuple[str, EventBase]] = [(origin, event)]
+        for row_origin, _event_id, event_json, internal_metadata in staged[1:]:
+            candidates.append(
+                (
+                    row_origin,
+                    make_event_from_dict(
+                        event_dict=db_to_json(event_json),
+                        room_version=room_version,
+                        internal_metadata_dict=db_to_json(internal_metadata),
+                    ),
+                )
+            )
+        run = await self._chain(room_id, candidates)
+        if len(run) < _MIN_RUN:
+            logger.debug("No run from %s in %s: a chain of %d", event.event_id, room_id, len(run))
+            return False
+        if not await self._event_auth_handler.is_host_in_room(room_id, self._server_name):
+            return False
+        checked = await self._authorised(run)
+        if not checked:
+            return False
+        return await self._persist(room_id, checked)
+
+    async def _chain(
+        self, room_id: str, candidates: list[tuple[str, EventBase]]
+    ) -> list[tuple[str, EventBase]]:
+        """The longest prefix of `candidates` that is a run (module docstring),
+        apart from the auth checks."""
+        extremities = await self._main.get_latest_event_ids_in_room(room_id)
+        run: list[tuple[str, EventBase]] = []
+        in_run: set[str] = set()
+        for i, (origin, ev) in enumerate(candidates):
+            if ev.room_id != room_id or ev.is_state() or ev.type == EventTypes.Redaction:
+                break
+            if ev.internal_metadata.is_outlier():
+                break
+            prevs = ev.prev_event_ids()
+            if i == 0:
+                if set(prevs) != set(extremities):
+                    break
+            elif prevs != [run[-1][1].event_id]:
+                break
+            relation = relation_from_event(ev)
+            if relation is not None and relation.parent_id in in_run:
+                break
+            try:
+                self._federation_event_handler._sanity_check_event(ev)
+            except SynapseError:
+                break
+            if i > 0 and await self._spam_checker.should_drop_federated_event(ev):
+                break
+            run.append((origin, ev))
+            in_run.add(ev.event_id)
+        if not run:
+            return run
+        ids = [ev.event_id for _, ev in run]
+        seen = await self._main.have_seen_events(room_id, ids)
+        referenced = set(await self._persist_store._get_events_which_are_prevs(ids))
+        auth_ids = {a for _, ev in run for a in ev.auth_event_ids()}
+        have_auth = await self._main.have_seen_events(room_id, auth_ids)
+        for i, (_, ev) in enumerate(run):
+            if ev.event_id in seen or ev.event_id in referenced or not set(ev.auth_event_ids()) <= have_auth:
+                return run[:i]
+        return run
+
+    async def _authorised(
+        self, run: list[tuple[str, EventBase]]
+    ) -> list[tuple[str, EventBase, EventContext]]:
+        """Contexts and auth checks, in order, up to and with the first event
+        Synapse's `_check_event_auth` rejects (its context says so), or up to
+        one it cannot check."""
+        accepted: list[tuple[str, EventBase, EventContext]] = []
+        first_context: EventContext | None = None
+        group_delta: tuple[int | None, Any] | None = None
+        for origin, ev in run:
+            if first_context is None:
+                context = await self._state_handler.compute_event_context(ev)
+                first_context = context
+            else:
+                group = first_context.state_group
+                assert group is not None
+                if group_delta is None:
+                    # compute_event_context with the prev event persisted: its
+                    # one state group, that group's delta, the deletion check.
+                    if await self._state_deletion.check_state_groups_and_bump_deletion({group}):
+                        break
+                    group_delta = await self._storage.state.get_state_group_delta(group)
+                prev_group, delta_ids = group_delta
+                context = await UnpersistedEventContext(
+                    storage=self._storage,
+                    state_group_before_event=group,
+                    state_group_after_event=group,
+                    state_delta_due_to_event={},
+                    prev_group_for_state_group_before_event=prev_group,
+                    delta_ids_to_state_group_before_event=delta_ids,
+                    partial_state=first_context.partial_state,
+                ).persist(ev)
+            try:
+                await self._federation_event_handler._check_event_auth(origin, ev, context)
+            except AuthError:
+                break
+            accepted.append((origin, ev, context))
+            if context.rejected:
+                break
+        return accepted
+
+    async def _persist(self, room_id: str, run: list[tuple[str, EventBase, EventContext]]) -> bool:
+        pairs = [(ev, context) for _, ev, context in run]
+        min_depth = await self._main.get_min_depth(room_id)
+        # Push actions for the events Synapse would compute them for (its
+        # `_run_push_actions_and_persist_event`), in order.
+        await self._push_evaluator.action_for_events_by_user(
+            [
+                (ev, context)
+                for ev, context in pairs
+                if not context.rejected and min_depth is not None and min_depth <= ev.depth
+            ]
+        )
+        try:
+            await self._federation_event_handler.persist_events_and_notify(room_id, pairs)
+        except Exception as e:
+            for ev, _ in pairs:
+                await self._main.remove_push_actions_from_staging(ev.event_id)
+            self.stats.given_back += 1
+            if isinstance(e, PartialStateConflictError):
+                logger.info("Run of %d staged events in %s given back: the room was un-partial-stated", len(pairs), room_id)
+            else:
+                logger.warning("Run of %d staged events in %s given back: %r", len(pairs), room_id, e)
+            return False
+        accepted = [ev for ev, context in pairs if not context.rejected]
+        if len(accepted) > 1 or (accepted and accepted[-1] is not pairs[-1][0]):
+            # The forward-extremity history, as one-at-a-time persistence
+            # writes it (storage/events.py).
+            await self._store.record_run_extremities(
+                room_id, [(ev.event_id, ev.internal_metadata.stream_ordering) for ev in accepted]
+            )
+        for ev, context in pairs:
+            if context.rejected:
+                continue
+            try:
+                await self._federation_event_handler._after_received_pdu_persisted(ev)
+            except Exception:
+                logger.exception("Failed to handle PDU %s after persisting it", ev.event_id)
+        received = await self._store.remove_staged_events([(origin, ev.event_id) for origin, ev, _ in run])
+        now = self._clock.time_msec()
+        histogram = pdu_process_time.labels(**{SERVER_NAME_LABEL: self._server_name})
+        for received_ts in received:
+            histogram.observe((now - received_ts) / 1000)
+        self.stats.runs += 1
+        self.stats.events += len(pairs)
+        logger.info(
+            "Processed a run of %d staged events in %s (%s .. %s)",
+            len(pairs),
+            room_id,
+            pairs[0][0].event_id,
+            pairs[-1][0].event_id,
+        )
+        return True
