@@ -20,6 +20,9 @@ events mix what runs take with what must end a run:
 - the same event staged again from a second server (already seen);
 - on room version 12, a redaction.
 
+Once more with the first run's persistence failing (given back whole to
+Synapse's path, which then processes its events one at a time).
+
 One server drains the queue with Synapse's loop alone, the other with the
 module's runs. Every table is compared row by row (stream orderings and
 times aside), and the events' order in the stream must be the same. The
@@ -36,6 +39,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
+from synapse.api.errors import PartialStateConflictError
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
@@ -231,11 +235,22 @@ async def _stream_order(hs: SynapseHomeServer, room_id: str) -> list[Any]:
     return await hs.get_datastores().main.db_pool.runInteraction("staged_runs_test_stream_order", txn)
 
 
-@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
-@pytest.mark.parametrize("room_version", ["10", "12"])
+@pytest.mark.parametrize(
+    ("room_version", "partial", "give_back"),
+    [
+        ("10", False, False),
+        ("10", True, False),
+        ("12", False, False),
+        ("12", True, False),
+        # The first run's persistence fails (as when the resync ends between
+        # its contexts and its write): it is given back whole to Synapse.
+        ("12", True, True),
+    ],
+    ids=["10-full", "10-partial", "12-full", "12-partial", "12-partial-given-back"],
+)
 @pytest_twisted.ensureDeferred
 async def test_runs_write_what_synapse_writes(
-    homeservers: dict[str, SynapseHomeServer], room_version: str, partial: bool
+    homeservers: dict[str, SynapseHomeServer], room_version: str, partial: bool, give_back: bool
 ) -> None:
     scenario = join_scenario(room_version, members=60, servers=5, local_server=SERVER)
     for hs in homeservers.values():
@@ -270,6 +285,18 @@ async def test_runs_write_what_synapse_writes(
             runs = StagedRuns(hs, fastjoin_store, 100)
             fed._fastjoin_callbacks.register_callbacks(process_staged_run=runs.process_staged_run)
             stats = runs.stats
+            if give_back:
+                handler = hs.get_federation_event_handler()
+                persist = handler.persist_events_and_notify
+                failed: list[int] = []
+
+                async def fail_first_run(room_id: str, pairs: Any, backfilled: bool = False) -> int:
+                    if len(pairs) > 1 and not failed:
+                        failed.append(len(pairs))
+                        raise PartialStateConflictError()
+                    return await persist(room_id, pairs, backfilled=backfilled)
+
+                handler.persist_events_and_notify = fail_first_run  # type: ignore[method-assign]
         before = _canonical(await dump_tables(hs))
         await _stage(hs, scenario, live)
         with LoggingContext(name=f"staged-runs-{name}", server_name=SERVER):
@@ -308,3 +335,4 @@ async def test_runs_write_what_synapse_writes(
     assert not s_after["federation_inbound_events_staging"][1:]
     # Most events went through runs, several runs (not one each).
     assert stats.runs >= 4 and stats.events >= len(live) // 2, (stats.runs, stats.events, len(live))
+    assert stats.given_back == (1 if give_back else 0)
