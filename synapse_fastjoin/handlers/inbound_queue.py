@@ -71,6 +71,12 @@ _RECHECK_S = 5.0
 # seconds arrives then. Synapse would prune a backlog of more than
 # PRUNE_THRESHOLD events at once, and fetch back only the last ten.
 _KEEP_AFTER_RESYNC_S = 300.0
+# A room not known to this process as partial or just resynced: the resync
+# history (written by the process that ran the resync, read by every worker)
+# is asked whether it ended less than `_KEEP_AFTER_RESYNC_S` ago; a "no" is
+# trusted this long (a room that becomes partial meanwhile is seen as such).
+_HISTORY_RECHECK_S = 60.0
+_HISTORY_CACHE_MAX = 10000
 
 
 def _now_ms() -> int:
@@ -130,6 +136,9 @@ class InboundQueue:
         self._protected: set[str] = set()
         # room -> monotonic time until which its queue is kept after its resync.
         self._kept_until: dict[str, float] = {}
+        # room -> monotonic time of the history read that found no recent
+        # resync (`_resynced_recently`).
+        self._no_recent_resync: dict[str, float] = {}
         self._refilling: set[str] = set()
         # room -> (last "dropped" log time, dropped since that line)
         self._log_state: dict[str, tuple[float, int]] = {}
@@ -201,7 +210,7 @@ class InboundQueue:
         partial = await self._main_store.is_partial_state_room(room_id)
         if partial:
             self._protected.add(room_id)
-        elif room_id not in self._protected:
+        elif room_id not in self._protected and not await self._resynced_recently(room_id):
             self._forget(room_id)
             return True
         # Processing an event only shortens the queue: while the room is
@@ -227,6 +236,30 @@ class InboundQueue:
             self._kept_until.pop(room_id, None)
             self._forget(room_id)
             return True
+        return False
+
+    async def _resynced_recently(self, room_id: str) -> bool:
+        """Whether the room's resync ended less than `_KEEP_AFTER_RESYNC_S`
+        ago by the resync history, for a room this process did not see
+        resync (another worker ran it, or this process restarted since);
+        if so the queue is kept for what is left of that time, as in the
+        process that ran it."""
+        now = self._monotonic()
+        checked = self._no_recent_resync.get(room_id)
+        if checked is not None and now - checked < _HISTORY_RECHECK_S:
+            return False
+        finished_ms = await self._store.last_complete_resync_ts(room_id)
+        age_s = (_now_ms() - finished_ms) / 1000 if finished_ms is not None else None
+        if age_s is not None and 0 <= age_s < _KEEP_AFTER_RESYNC_S:
+            self._no_recent_resync.pop(room_id, None)
+            self._protected.add(room_id)
+            self._kept_until[room_id] = now + _KEEP_AFTER_RESYNC_S - age_s
+            return True
+        if len(self._no_recent_resync) >= _HISTORY_CACHE_MAX:
+            self._no_recent_resync = {
+                r: t for r, t in self._no_recent_resync.items() if now - t < _HISTORY_RECHECK_S
+            }
+        self._no_recent_resync[room_id] = now
         return False
 
     async def on_staged(self, room_id: str) -> None:

@@ -391,6 +391,19 @@ class FastJoinStore:
 
         return await self._interaction("fastjoin_get_history", txn_fn)
 
+    async def last_complete_resync_ts(self, room_id: str) -> int | None:
+        """When the room's newest complete resync ended (ms), if any."""
+
+        def txn_fn(txn: LoggingTransaction) -> int | None:
+            txn.execute(
+                "SELECT MAX(finished_ts) FROM fastjoin_resync_history WHERE room_id = ? AND outcome = 'complete'",
+                (room_id,),
+            )
+            row = txn.fetchone()
+            return int(row[0]) if row and row[0] is not None else None
+
+        return await self._interaction("fastjoin_last_complete_resync_ts", txn_fn)
+
     async def prune_history(self, before_ts: int) -> int:
         """Delete history rows that finished before `before_ts`; returns how many."""
 

@@ -50,6 +50,14 @@ class Model:
         self.pending += dropped
         return dropped, self.staged, self.pending
 
+    # The module's resync history (FastJoinStore.last_complete_resync_ts).
+    finished_ms: int | None = None
+    history_reads = 0
+
+    async def last_complete_resync_ts(self, room_id: str) -> int | None:
+        self.history_reads += 1
+        return self.finished_ms
+
     # Synapse's main store.
     async def is_partial_state_room(self, room_id: str) -> bool:
         return self.partial
@@ -214,3 +222,36 @@ def test_the_bound_still_holds_while_kept_after_the_resync():
         _stage(queue, model)
     assert model.staged <= 200
     assert model.staged + model.pending == 500
+
+
+def test_a_worker_that_did_not_run_the_resync_keeps_the_queue_by_the_history():
+    # Another process ran the resync and recorded its end 100 s ago: this one
+    # never saw the room partial, and keeps its queue for the 200 s left.
+    queue, model, clock = _queue(limit=1000)
+    model.partial = False
+    model.finished_ms = iq._now_ms() - 100_000
+    model.staged = 150
+    assert run(queue.may_prune(ROOM)) is False
+    assert model.history_reads == 1
+    clock.now += 150
+    assert run(queue.may_prune(ROOM)) is False
+    # Past the 5 minutes, once drained below Synapse's threshold: Synapse's again.
+    clock.now += 60
+    model.staged = 50
+    assert run(queue.may_prune(ROOM)) is True
+
+
+def test_a_room_with_no_recent_resync_is_pruned_and_the_history_read_once_a_minute():
+    queue, model, clock = _queue(limit=1000)
+    model.partial = False
+    model.finished_ms = iq._now_ms() - 400_000  # ended before the 5 minutes
+    model.staged = 150
+    assert run(queue.may_prune(ROOM)) is True
+    assert run(queue.may_prune(ROOM)) is True
+    assert model.history_reads == 1
+    clock.now += iq._HISTORY_RECHECK_S
+    assert run(queue.may_prune(ROOM)) is True
+    assert model.history_reads == 2
+    model.finished_ms = None  # never resynced by the module
+    clock.now += iq._HISTORY_RECHECK_S
+    assert run(queue.may_prune(ROOM)) is True
