@@ -55,7 +55,11 @@ context may have stored a state group, which Synapse's path would store
 again). If the run's persistence fails
 (the room was un-partial-stated meanwhile, say), the run is given back to
 Synapse whole: its push actions are removed and nothing was removed from the
-staging area, so `on_receive_pdu` processes the first event afresh.
+staging area, so `on_receive_pdu` processes the first event afresh. So is a
+run during which another path stored an event in the room (the room's
+forward extremities are read again just before the write): a local user's
+ban, say, after which Synapse's path checks the banned user's events for
+soft-failure.
 `tests/unit/test_staged_runs_parity.py` drains the same staged events through
 Synapse's path and through runs into two databases and compares the rows.
 """
@@ -80,6 +84,10 @@ logger = logging.getLogger(__name__)
 
 # Runs shorter than this are left to Synapse: nothing to save.
 _MIN_RUN = 2
+
+
+class _ExtremitiesMoved(Exception):
+    """The room's forward extremities changed while a run was checked."""
 
 
 class StagedRunStats:
@@ -141,7 +149,8 @@ class StagedRuns:
                     ),
                 )
             )
-        run = await self._chain(room_id, candidates)
+        extremities = await self._main.get_latest_event_ids_in_room(room_id)
+        run = await self._chain(room_id, extremities, candidates)
         if len(run) < _MIN_RUN:
             logger.debug("No run from %s in %s: a chain of %d", event.event_id, room_id, len(run))
             return False
@@ -150,14 +159,13 @@ class StagedRuns:
         checked = await self._authorised(run)
         if not checked:
             return False
-        return await self._persist(room_id, checked)
+        return await self._persist(room_id, extremities, checked)
 
     async def _chain(
-        self, room_id: str, candidates: list[tuple[str, EventBase]]
+        self, room_id: str, extremities: frozenset[str], candidates: list[tuple[str, EventBase]]
     ) -> list[tuple[str, EventBase]]:
         """The longest prefix of `candidates` that is a run (module docstring),
         apart from the auth checks."""
-        extremities = await self._main.get_latest_event_ids_in_room(room_id)
         run: list[tuple[str, EventBase]] = []
         in_run: set[str] = set()
         for i, (origin, ev) in enumerate(candidates):
@@ -235,7 +243,9 @@ class StagedRuns:
                 break
         return accepted
 
-    async def _persist(self, room_id: str, run: list[tuple[str, EventBase, EventContext]]) -> bool:
+    async def _persist(
+        self, room_id: str, extremities: frozenset[str], run: list[tuple[str, EventBase, EventContext]]
+    ) -> bool:
         pairs = [(ev, context) for _, ev, context in run]
         min_depth = await self._main.get_min_depth(room_id)
         # Push actions for the events Synapse would compute them for (its
@@ -248,6 +258,11 @@ class StagedRuns:
             ]
         )
         try:
+            # Another path may have persisted an event in the room since the
+            # run's extremities were read (a local user's ban, say): Synapse
+            # would check the events after it for soft-failure against it.
+            if await self._main.get_latest_event_ids_in_room(room_id) != extremities:
+                raise _ExtremitiesMoved()
             await self._federation_event_handler.persist_events_and_notify(room_id, pairs)
         except Exception as e:
             for ev, _ in pairs:
@@ -255,6 +270,8 @@ class StagedRuns:
             self.stats.given_back += 1
             if isinstance(e, PartialStateConflictError):
                 logger.info("Run of %d staged events in %s given back: the room was un-partial-stated", len(pairs), room_id)
+            elif isinstance(e, _ExtremitiesMoved):
+                logger.info("Run of %d staged events in %s given back: another event was stored meanwhile", len(pairs), room_id)
             else:
                 logger.warning("Run of %d staged events in %s given back: %r", len(pairs), room_id, e)
             return False

@@ -22,7 +22,6 @@ import time
 
 import pytest
 import pytest_twisted
-
 import synapse.server  # noqa: F401  (imports Synapse in the order the module does)
 from synapse.events import make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME

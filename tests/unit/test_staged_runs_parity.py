@@ -37,18 +37,22 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
-
 from synapse.api.errors import PartialStateConflictError
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
 from synapse.logging.context import LoggingContext
+from twisted.internet import reactor, task
 
 from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.storage.store import FastJoinStore
-from tests.harness.endsteps import JoinScenario, join_scenario, prepare_partial_join, un_partial_join
 from tests.harness import inprocess
+from tests.harness.endsteps import (
+    JoinScenario,
+    join_scenario,
+    prepare_partial_join,
+    un_partial_join,
+)
 from tests.harness.outliers import dump_tables
 from tests.harness.postgres import PostgresAdmin
 
@@ -238,19 +242,25 @@ async def _stream_order(hs: SynapseHomeServer, room_id: str) -> list[Any]:
 @pytest.mark.parametrize(
     ("room_version", "partial", "give_back"),
     [
-        ("10", False, False),
-        ("10", True, False),
-        ("12", False, False),
-        ("12", True, False),
+        ("10", False, None),
+        ("10", True, None),
+        ("12", False, None),
+        ("12", True, None),
         # The first run's persistence fails (as when the resync ends between
         # its contexts and its write): it is given back whole to Synapse.
-        ("12", True, True),
+        ("12", True, "persist fails"),
+        # Another path stores an event in the room (a ban of a sender of
+        # the first run) while the first run is checked: the run is given
+        # back, and Synapse's path soft-fails that sender's events after it,
+        # as on the other server, where the ban is stored before the first
+        # event is processed.
+        ("12", False, "ban meanwhile"),
     ],
-    ids=["10-full", "10-partial", "12-full", "12-partial", "12-partial-given-back"],
+    ids=["10-full", "10-partial", "12-full", "12-partial", "12-partial-given-back", "12-full-ban-meanwhile"],
 )
 @pytest_twisted.ensureDeferred
 async def test_runs_write_what_synapse_writes(
-    homeservers: dict[str, SynapseHomeServer], room_version: str, partial: bool, give_back: bool
+    homeservers: dict[str, SynapseHomeServer], room_version: str, partial: bool, give_back: str | None
 ) -> None:
     scenario = join_scenario(room_version, members=60, servers=5, local_server=SERVER)
     for hs in homeservers.values():
@@ -268,7 +278,17 @@ async def test_runs_write_what_synapse_writes(
             await hs.get_state_handler().update_current_state(scenario.room_id)
             await hs.get_datastores().main.clear_partial_state_room(scenario.room_id)
     # Made after the room is stored: they arrive after the join.
+    tip = list(scenario.room.forward_extremities())
     live = _live_events(scenario)
+    # Not staged: stored by another path (below), on the join's tip. Its
+    # target sends the first run's second event.
+    ban_origin = scenario.room.spec.creator.split(":", 1)[1]
+    ban = make_event_from_dict(
+        scenario.room.create_event(
+            scenario.room.spec.creator, "m.room.member", {"membership": "ban"}, scenario.room.spec.member(2), 1_700_000_450_000, prev_events=tip
+        ).as_dict(),
+        scenario.version,
+    )
     dumps: dict[str, tuple[dict[str, list[Any]], dict[str, list[Any]]]] = {}
     orders: dict[str, list[str]] = {}
     stats = None
@@ -279,18 +299,46 @@ async def test_runs_write_what_synapse_writes(
             return False
 
         fed._fastjoin_callbacks.may_prune_staged_events = keep_queue
+        if name == "synapse" and give_back == "ban meanwhile":
+            handler = hs.get_federation_event_handler()
+            receive = handler.on_receive_pdu
+            banned_first: list[bool] = []
+
+            async def ban_before_first(
+                origin: str, pdu: Any, banned: list[bool] = banned_first, receive: Any = receive
+            ) -> None:
+                if not banned:
+                    banned.append(True)
+                    await receive(ban_origin, ban)
+                await receive(origin, pdu)
+
+            handler.on_receive_pdu = ban_before_first  # type: ignore[method-assign]
         if name == "runs":
             fastjoin_store = FastJoinStore(hs.get_datastores().main.db_pool.runInteraction, may_migrate=True)
             await fastjoin_store.ensure_schema()
             runs = StagedRuns(hs, fastjoin_store, 100)
             fed._fastjoin_callbacks.register_callbacks(process_staged_run=runs.process_staged_run)
             stats = runs.stats
-            if give_back:
+            if give_back == "ban meanwhile":
+                evaluator = hs.get_bulk_push_rule_evaluator()
+                push = evaluator.action_for_events_by_user
+                banned: list[bool] = []
+
+                async def ban_first(pairs: Any, banned: list[bool] = banned, push: Any = push, hs: Any = hs) -> None:
+                    if not banned:
+                        banned.append(True)
+                        await hs.get_federation_event_handler().on_receive_pdu(ban_origin, ban)
+                    await push(pairs)
+
+                evaluator.action_for_events_by_user = ban_first  # type: ignore[method-assign]
+            if give_back == "persist fails":
                 handler = hs.get_federation_event_handler()
                 persist = handler.persist_events_and_notify
                 failed: list[int] = []
 
-                async def fail_first_run(room_id: str, pairs: Any, backfilled: bool = False) -> int:
+                async def fail_first_run(
+                    room_id: str, pairs: Any, backfilled: bool = False, failed: list[int] = failed, persist: Any = persist
+                ) -> int:
                     if len(pairs) > 1 and not failed:
                         failed.append(len(pairs))
                         raise PartialStateConflictError()
@@ -334,5 +382,13 @@ async def test_runs_write_what_synapse_writes(
     assert orders["synapse"] == orders["runs"]
     assert not s_after["federation_inbound_events_staging"][1:]
     # Most events went through runs, several runs (not one each).
-    assert stats.runs >= 4 and stats.events >= len(live) // 2, (stats.runs, stats.events, len(live))
+    if give_back != "ban meanwhile":
+        # With the ban, the room keeps two extremities and runs start no more.
+        assert stats.runs >= 4 and stats.events >= len(live) // 2, (stats.runs, stats.events, len(live))
     assert stats.given_back == (1 if give_back else 0)
+    if give_back == "ban meanwhile":
+        soft_failed = [
+            r for r in s_after["event_json"][1:] if '"soft_failed":true' in str(r).replace(" ", "")
+        ]
+        assert soft_failed, "the banned sender's events were not soft-failed"
+        assert r_after["event_json"] == s_after["event_json"]
