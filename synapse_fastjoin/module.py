@@ -18,11 +18,11 @@ from synapse_fastjoin.federation.device_lists import DeviceListReplay
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.inbound_queue import InboundQueue
-from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.handlers.make_join import MakeJoinState
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
 from synapse_fastjoin.handlers.presence import PartialStatePresence
 from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
+from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.handlers.state_deltas import StateDeltaMemberships
 from synapse_fastjoin.handlers.user_directory import UserDirectoryBatcher
 from synapse_fastjoin.handlers.waits import FullStateWaits
