@@ -13,7 +13,8 @@ refused.
 stock and patched Synapse join a generated room of that many members through
 the fake resident, finish the resync, and then answer partial and full
 `/send_join`s of new remote users; time and the server's peak RSS per answer
-are written to `docs/bench/resident-send-join.json` and `.md`.
+are written to `docs/bench/resident-send-join.json` and `.md`. The servers
+use the database `--db` names (`--db postgres`: one run per database given).
 `FASTJOIN_RESIDENT_BENCH_VARIANTS=patched` measures one variant only;
 `FASTJOIN_RESIDENT_BENCH_KINDS=partial` measures partial joins only (each
 join's `/make_join` is measured too, from Synapse's access log);
@@ -417,7 +418,7 @@ async def _measure(
 
 @pytest.mark.skipif(not os.environ.get("FASTJOIN_RESIDENT_BENCH"), reason="set FASTJOIN_RESIDENT_BENCH=sizes")
 @pytest_twisted.ensureDeferred
-async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
+async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path, db_backend):
     sizes = [int(s) for s in os.environ["FASTJOIN_RESIDENT_BENCH"].split(",")]
     repeats = int(os.environ.get("FASTJOIN_RESIDENT_BENCH_REPEATS", "3"))
     results: list[dict[str, Any]] = []
@@ -456,7 +457,7 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                     # Without presence, whose handler goes through every
                     # member of the room for each join (docs/benchmarks.md).
                     config = merge_config(config, {"presence": {"enabled": False}})
-                hs = synapse_factory(variant=variant, name=f"{variant}-{n}", config=config)
+                hs = synapse_factory(variant=variant, db=db_backend, name=f"{variant}-{n}", config=config)
                 _, token = hs.register_user("admin", admin=True)
                 client = hs.client(token)
                 await client.join(resident.room.room_id, server_name=resident.server_name, timeout=3600)
@@ -488,7 +489,7 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                 # what a join meets while Synapse still works through the
                 # resync's membership deltas.
                 warmup = await _measure(hs, room_id, f"@warmup:{REMOTE}", True)
-                results.append({**_summary(n, variant, True, False, [warmup]), "after": "resync (warm-up)"})
+                results.append({**_summary(n, variant, True, False, [warmup], db_backend), "after": "resync (warm-up)"})
                 profile_dir = os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE")
                 kinds = os.environ.get("FASTJOIN_RESIDENT_BENCH_KINDS", "partial,full").split(",")
                 # "0": each join right after the previous one (what earlier
@@ -515,18 +516,21 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                                 )
                             )
                     for idle in modes:
-                        results.append(_summary(n, variant, omit, idle, runs[idle]))
+                        results.append(_summary(n, variant, omit, idle, runs[idle], db_backend))
                 hs.stop()
             finally:
                 await resident.stop()
             _write(results)
 
 
-def _summary(n: int, variant: str, omit: bool, idle: bool, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(
+    n: int, variant: str, omit: bool, idle: bool, runs: list[dict[str, Any]], db: str = "sqlite"
+) -> dict[str, Any]:
     def median(key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
     return {
+        "db": db,
         "members": n,
         "variant": variant,
         "send_join": "partial" if omit else "full",
