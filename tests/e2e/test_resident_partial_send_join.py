@@ -324,17 +324,24 @@ def _beside(hs: Any, offset: int, started: float, ended: float, own: str | None)
     """From the transaction log (FASTJOIN_RESIDENT_BENCH_TXNLOG), the
     database transactions that ended between `started` and `ended` (wall
     clock) in other log contexts than the request's own (`own`): their time
-    and count per context (numbering dropped) and per transaction name."""
+    and count per context (numbering dropped) and per transaction name; and
+    the request's own, per transaction name."""
     import datetime
 
     contexts: dict[str, list[float]] = {}
     names: dict[str, list[float]] = {}
+    mine: dict[str, list[float]] = {}
     for line in _read_log_from(hs, offset).splitlines():
         m = _TXN_END.match(line)
         if not m:
             continue
+        if m.group(2) == own:
+            entry = mine.setdefault(m.group(3), [0.0, 0])
+            entry[0] += float(m.group(4))
+            entry[1] += 1
+            continue
         at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        if not started <= at <= ended or m.group(2) == own:
+        if not started <= at <= ended:
             continue
         context = re.sub(r"-\d+$", "", m.group(2))
         for table, key in ((contexts, context), (names, f"{context}: {m.group(3)}")):
@@ -347,6 +354,8 @@ def _beside(hs: Any, offset: int, started: float, ended: float, own: str | None)
         "transactions": sum(v[1] for v in contexts.values()),
         "contexts": {k: v for k, v in sorted(contexts.items(), key=lambda kv: -kv[1][0])},
         "top": dict(top),
+        # The request's own transactions, slowest first.
+        "own": dict(sorted(mine.items(), key=lambda kv: -kv[1][0])[:8]),
     }
 
 
