@@ -13,15 +13,30 @@ refused.
 stock and patched Synapse join a generated room of that many members through
 the fake resident, finish the resync, and then answer partial and full
 `/send_join`s of new remote users; time and the server's peak RSS per answer
-are written to `docs/bench/resident-send-join.json` and `.md`.
+are written to `docs/bench/resident-send-join.json` and `.md`. The servers
+use the database `--db` names (`--db postgres`: one run per database given).
 `FASTJOIN_RESIDENT_BENCH_VARIANTS=patched` measures one variant only;
 `FASTJOIN_RESIDENT_BENCH_KINDS=partial` measures partial joins only (each
 join's `/make_join` is measured too, from Synapse's access log);
 `FASTJOIN_RESIDENT_BENCH_BACKGROUND=0` turns off the updates of Synapse's user
 directory and room statistics (see docs/benchmarks.md: their work on the
 room's members after the resync shares the database with the measured joins);
+`FASTJOIN_RESIDENT_BENCH_PRESENCE=0` turns presence off (its handler goes
+through every member of the room for each join);
+`FASTJOIN_RESIDENT_BENCH_IDLE=1` waits before each join until the resident
+has gone idle (under 20 ms of CPU in the last second, from /proc), `both`
+measures partial joins in pairs, one after that wait and one right after it
+(full joins after the wait only); the default, `0`, measures each join right
+after the previous one. The warm-up join, right after the resync, is kept as
+a row of its own. Every join records the resident process's CPU during the
+`/send_join` (from /proc, every thread, 10 ms ticks) beside the request's
+own (Synapse's access log), its peak RSS growth (VmHWM, reset through
+`/proc/PID/clear_refs` before the request, minus VmRSS before it) and the
+RSS it kept (VmRSS after minus before);
 `FASTJOIN_RESIDENT_BENCH_TXNLOG=1` logs every database transaction
-(`synapse.storage.txn` at DEBUG) from the warm-up join on;
+(`synapse.storage.txn` at DEBUG) from the warm-up join on, and each join
+records the transactions of other log contexts that ended during its
+`/send_join` (what ran beside it);
 `FASTJOIN_RESIDENT_BENCH_PROFILE=DIR` does too, and records each measured partial join with
 py-spy (`pip install py-spy` into the venv; every thread, idle included, so
 that waits show) into DIR/<variant>-<members>-<n>.json (speedscope: samples in time order).
@@ -214,24 +229,72 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of the whole process (every thread) so far."""
+    # The fields after the command name, which is in parentheses.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+async def _wait_idle(pid: int, window: float = 1.0, limit: float = 0.02, timeout: float = 1800) -> float:
+    """Wait until the process used less than `limit` seconds of CPU in the
+    last `window` seconds (what the previous join left running is done);
+    returns how long that took."""
+    started = time.monotonic()
+    samples = [(started, _cpu_seconds(pid))]
+    while time.monotonic() - started < timeout:
+        await sleep(0.1)
+        now = time.monotonic()
+        samples.append((now, _cpu_seconds(pid)))
+        while len(samples) > 2 and now - samples[1][0] >= window:
+            samples.pop(0)
+        if now - samples[0][0] >= window and samples[-1][1] - samples[0][1] < limit:
+            return now - started
+    return time.monotonic() - started
+
+
 _PROCESSED = re.compile(
     r"Processed request: ([\d.]+)sec/[\d.]+sec ru=\(([\d.]+)sec, ([\d.]+)sec\) "
     r"db=\(([\d.]+)sec/([\d.]+)sec/(\d+)\)"
 )
 
 
-async def _request_log(hs: Any, event_id: str, endpoint: str = "send_join") -> dict[str, float]:
+_CONTEXT = re.compile(r" - INFO - (\S+) - ")
+
+
+def _log_size(hs: Any) -> int:
+    try:
+        return hs.log_path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_log_from(hs: Any, offset: int) -> str:
+    with open(hs.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", errors="replace")
+
+
+async def _request_log(
+    hs: Any, event_id: str, endpoint: str = "send_join", offset: int = 0
+) -> dict[str, Any]:
     """Synapse's own account of the /send_join of `event_id` (or of another
     `endpoint` whose path holds it: the /make_join of a user id): wall time,
-    CPU time (user + system) and database transactions (time, count)."""
+    CPU time (user + system) and database transactions (time, count), from
+    the log after byte `offset`."""
     needle = quote(event_id)
 
-    def find() -> dict[str, float] | None:
-        for line in reversed(hs.read_log().splitlines()):
+    def find() -> dict[str, Any] | None:
+        for line in reversed(_read_log_from(hs, offset).splitlines()):
             if needle in line and endpoint in line:
                 m = _PROCESSED.search(line)
                 if m:
+                    context = _CONTEXT.search(line)
                     return {
+                        "context": context.group(1) if context else None,
                         "server_seconds": float(m.group(1)),
                         "cpu_seconds": float(m.group(2)) + float(m.group(3)),
                         "db_seconds": float(m.group(5)),
@@ -251,6 +314,51 @@ async def _request_log(hs: Any, event_id: str, endpoint: str = "send_join") -> d
     return found[0]
 
 
+_TXN_END = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - synapse\.storage\.txn - \d+ - DEBUG - (.*?)"
+    r" - \[TXN END\] \{(.*)-[0-9a-f]+\} ([\d.]+) sec"
+)
+
+
+def _beside(hs: Any, offset: int, started: float, ended: float, own: str | None) -> dict[str, Any]:
+    """From the transaction log (FASTJOIN_RESIDENT_BENCH_TXNLOG), the
+    database transactions that ended between `started` and `ended` (wall
+    clock) in other log contexts than the request's own (`own`): their time
+    and count per context (numbering dropped) and per transaction name; and
+    the request's own, per transaction name."""
+    import datetime
+
+    contexts: dict[str, list[float]] = {}
+    names: dict[str, list[float]] = {}
+    mine: dict[str, list[float]] = {}
+    for line in _read_log_from(hs, offset).splitlines():
+        m = _TXN_END.match(line)
+        if not m:
+            continue
+        if m.group(2) == own:
+            entry = mine.setdefault(m.group(3), [0.0, 0])
+            entry[0] += float(m.group(4))
+            entry[1] += 1
+            continue
+        at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if not started <= at <= ended:
+            continue
+        context = re.sub(r"-\d+$", "", m.group(2))
+        for table, key in ((contexts, context), (names, f"{context}: {m.group(3)}")):
+            entry = table.setdefault(key, [0.0, 0])
+            entry[0] += float(m.group(4))
+            entry[1] += 1
+    top = sorted(names.items(), key=lambda kv: -kv[1][0])[:8]
+    return {
+        "db_seconds": sum(v[0] for v in contexts.values()),
+        "transactions": sum(v[1] for v in contexts.values()),
+        "contexts": {k: v for k, v in sorted(contexts.items(), key=lambda kv: -kv[1][0])},
+        "top": dict(top),
+        # The request's own transactions, slowest first.
+        "own": dict(sorted(mine.items(), key=lambda kv: -kv[1][0])[:8]),
+    }
+
+
 def _start_profile(pid: int, out: Path) -> subprocess.Popen:
     """py-spy on `pid` until stopped (SIGINT), every thread, idle included."""
     spy = Path(sys.executable).with_name("py-spy")
@@ -263,12 +371,15 @@ def _start_profile(pid: int, out: Path) -> subprocess.Popen:
 
 
 async def _measure(
-    hs: Any, room_id: str, user_id: str, omit_members: bool, profile: Path | None = None
+    hs: Any, room_id: str, user_id: str, omit_members: bool, profile: Path | None = None, idle: bool = False
 ) -> dict[str, Any]:
+    idle_wait = await _wait_idle(hs.pid) if idle else None
+    offset = _log_size(hs)
     make_started = time.monotonic()
     event, version = await make_join(hs, room_id, user_id)
     make_seconds = time.monotonic() - make_started
-    make_log = await _request_log(hs, user_id, "make_join")
+    make_log = await _request_log(hs, user_id, "make_join", offset)
+    offset = _log_size(hs)
     _reset_peak(hs.pid)
     before = _rss_kib(hs.pid)
     spy = None
@@ -277,7 +388,12 @@ async def _measure(
         spy = _start_profile(hs.pid, profile)
         await sleep(1)  # py-spy attached
     started = time.monotonic()
+    wall_started = time.time()
+    cpu_before = _cpu_seconds(hs.pid)
     status, body, seconds = await send_join(hs, event, version, omit_members=omit_members, timeout=600)
+    process_cpu = _cpu_seconds(hs.pid) - cpu_before
+    rss_after = _rss_kib(hs.pid)
+    wall_ended = time.time()
     if spy is not None:
         ended = time.monotonic()
         await sleep(1)  # what the request left running (the federation sender)
@@ -290,10 +406,18 @@ async def _measure(
         )
     assert status == 200, str(body)[:300]
     peak = _peak_rss_kib(hs.pid)
+    own = await _request_log(hs, _compute_event_id(room_version(version), body["event"]), offset=offset)
     return {
         "seconds": seconds,
-        **await _request_log(hs, _compute_event_id(room_version(version), body["event"])),
+        **own,
+        "beside": _beside(hs, offset, wall_started, wall_ended, own["context"])
+        if os.environ.get("FASTJOIN_RESIDENT_BENCH_TXNLOG") or os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE")
+        else None,
+        "idle_wait_seconds": idle_wait,
+        "process_cpu_seconds": process_cpu,
         "rss_growth_mib": (peak - before) / 1024,
+        "rss_retained_mib": (rss_after - before) / 1024,
+        "rss_before_mib": before / 1024,
         "make_join": {"seconds": make_seconds, **make_log},
         "state": len(body["state"]),
         "auth_chain": len(body["auth_chain"]),
@@ -303,7 +427,7 @@ async def _measure(
 
 @pytest.mark.skipif(not os.environ.get("FASTJOIN_RESIDENT_BENCH"), reason="set FASTJOIN_RESIDENT_BENCH=sizes")
 @pytest_twisted.ensureDeferred
-async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
+async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path, db_backend):
     sizes = [int(s) for s in os.environ["FASTJOIN_RESIDENT_BENCH"].split(",")]
     repeats = int(os.environ.get("FASTJOIN_RESIDENT_BENCH_REPEATS", "3"))
     results: list[dict[str, Any]] = []
@@ -338,7 +462,11 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                         config,
                         {"update_user_directory_from_worker": "nobody", "stats": {"enabled": False}},
                     )
-                hs = synapse_factory(variant=variant, name=f"{variant}-{n}", config=config)
+                if os.environ.get("FASTJOIN_RESIDENT_BENCH_PRESENCE") == "0":
+                    # Without presence, whose handler goes through every
+                    # member of the room for each join (docs/benchmarks.md).
+                    config = merge_config(config, {"presence": {"enabled": False}})
+                hs = synapse_factory(variant=variant, db=db_backend, name=f"{variant}-{n}", config=config)
                 _, token = hs.register_user("admin", admin=True)
                 client = hs.client(token)
                 await client.join(resident.room.room_id, server_name=resident.server_name, timeout=3600)
@@ -366,41 +494,76 @@ async def test_measure_resident_send_join(synapse_factory, tls_files, tmp_path):
                     log_config["loggers"]["synapse.storage.txn"] = {"level": "DEBUG"}
                     hs.log_config_path.write_text(yaml.safe_dump(log_config))
                     os.kill(hs.pid, signal.SIGHUP)
-                await _measure(hs, room_id, f"@warmup:{REMOTE}", True)
+                # The warm-up join, right after the resync: kept (one run) as
+                # what a join meets while Synapse still works through the
+                # resync's membership deltas.
+                warmup = await _measure(hs, room_id, f"@warmup:{REMOTE}", True)
+                results.append({**_summary(n, variant, True, False, [warmup], db_backend), "after": "resync (warm-up)"})
                 profile_dir = os.environ.get("FASTJOIN_RESIDENT_BENCH_PROFILE")
                 kinds = os.environ.get("FASTJOIN_RESIDENT_BENCH_KINDS", "partial,full").split(",")
+                # "0": each join right after the previous one (what earlier
+                # runs measured); "1": each after the resident has gone idle;
+                # "both": partial joins in pairs, one after the idle wait and
+                # one right after it, full joins after the idle wait only.
+                modes = {"0": [False], "1": [True], "both": [True, False]}[
+                    os.environ.get("FASTJOIN_RESIDENT_BENCH_IDLE", "0")
+                ]
                 for omit in [k == "partial" for k in kinds]:
-                    runs = [
-                        await _measure(
-                            hs, room_id, f"@{'p' if omit else 'f'}{i}:{REMOTE}", omit,
-                            Path(profile_dir) / f"{variant}-{n}-{i}.json" if profile_dir and omit else None,
-                        )
-                        for i in range(repeats)
-                    ]
-                    results.append(
-                        {
-                            "members": n,
-                            "variant": variant,
-                            "send_join": "partial" if omit else "full",
-                            "seconds": statistics.median(r["seconds"] for r in runs),
-                            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
-                            "db_transactions": statistics.median(r["db_transactions"] for r in runs),
-                            "rss_growth_mib": statistics.median(r["rss_growth_mib"] for r in runs),
-                            "db_seconds": statistics.median(r["db_seconds"] for r in runs),
-                            "make_join": {
-                                key: statistics.median(r["make_join"][key] for r in runs)
-                                for key in ("seconds", "cpu_seconds", "db_seconds", "db_transactions")
-                            },
-                            "state": runs[-1]["state"],
-                            "auth_chain": runs[-1]["auth_chain"],
-                            "bytes": runs[-1]["bytes"],
-                            "runs": runs,
-                        }
-                    )
+                    if not omit and len(modes) == 2:
+                        # A full join's own work dwarfs any wait: measured
+                        # after the idle wait only.
+                        modes = [True]
+                    runs: dict[bool, list[dict[str, Any]]] = {m: [] for m in modes}
+                    for i in range(repeats):
+                        for idle in modes:
+                            name = f"{'p' if omit else 'f'}{i}{'i' if idle else ''}"
+                            runs[idle].append(
+                                await _measure(
+                                    hs, room_id, f"@{name}:{REMOTE}", omit,
+                                    Path(profile_dir) / f"{variant}-{n}-{name}.json" if profile_dir and omit else None,
+                                    idle=idle,
+                                )
+                            )
+                    for idle in modes:
+                        results.append(_summary(n, variant, omit, idle, runs[idle], db_backend))
                 hs.stop()
             finally:
                 await resident.stop()
             _write(results)
+
+
+def _summary(
+    n: int, variant: str, omit: bool, idle: bool, runs: list[dict[str, Any]], db: str = "sqlite"
+) -> dict[str, Any]:
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    return {
+        "db": db,
+        "members": n,
+        "variant": variant,
+        "send_join": "partial" if omit else "full",
+        "after": "idle" if idle else "previous join",
+        "seconds": median("seconds"),
+        "cpu_seconds": median("cpu_seconds"),
+        "db_transactions": median("db_transactions"),
+        "rss_growth_mib": median("rss_growth_mib"),
+        "rss_retained_mib": median("rss_retained_mib"),
+        "db_seconds": median("db_seconds"),
+        "process_cpu_seconds": median("process_cpu_seconds"),
+        "idle_wait_seconds": median("idle_wait_seconds") if idle else None,
+        "beside_db_seconds": statistics.median(r["beside"]["db_seconds"] for r in runs)
+        if all(r.get("beside") for r in runs)
+        else None,
+        "make_join": {
+            key: statistics.median(r["make_join"][key] for r in runs)
+            for key in ("seconds", "cpu_seconds", "db_seconds", "db_transactions")
+        },
+        "state": runs[-1]["state"],
+        "auth_chain": runs[-1]["auth_chain"],
+        "bytes": runs[-1]["bytes"],
+        "runs": runs,
+    }
 
 
 def _write(results: list[dict[str, Any]]) -> None:
@@ -409,14 +572,24 @@ def _write(results: list[dict[str, Any]]) -> None:
     json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
     json_path.write_text(json.dumps(results, indent=1))
     lines = [
-        "| members | variant | /send_join | time (median) | CPU | DB txns | peak RSS growth | state | auth_chain | bytes |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| members | variant | /send_join | after | time (median) | CPU | DB time | DB txns | process CPU"
+        " | DB time beside | peak RSS growth | RSS kept | state | auth_chain | bytes |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
+        after = r.get("after", "previous join")
+        if r.get("idle_wait_seconds") is not None:
+            after += f" ({r['idle_wait_seconds']:.1f} s)"
+        process = r.get("process_cpu_seconds")
+        kept = r.get("rss_retained_mib")
+        beside = r.get("beside_db_seconds")
         lines.append(
-            f"| {r['members']:,} | {r['variant']} | {r['send_join']} | {r['seconds'] * 1000:.0f} ms"
-            f" | {r['cpu_seconds'] * 1000:.0f} ms | {r['db_transactions']:.0f}"
-            f" | {r['rss_growth_mib']:.1f} MiB | {r['state']:,} | {r['auth_chain']:,} | {r['bytes']:,} |"
+            f"| {r['members']:,} | {r['variant']} | {r['send_join']} | {after} | {r['seconds'] * 1000:,.0f} ms"
+            f" | {r['cpu_seconds'] * 1000:,.0f} ms | {r['db_seconds'] * 1000:,.0f} ms | {r['db_transactions']:.0f}"
+            f" | {'–' if process is None else f'{process * 1000:,.0f} ms'}"
+            f" | {'–' if beside is None else f'{beside * 1000:,.0f} ms'}"
+            f" | {r['rss_growth_mib']:.1f} MiB | {'–' if kept is None else f'{kept:.1f} MiB'}"
+            f" | {r['state']:,} | {r['auth_chain']:,} | {r['bytes']:,} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
