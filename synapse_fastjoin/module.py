@@ -77,13 +77,19 @@ class FastJoinModule:
             api.run_as_background_process,
         )
 
-        # Runs of a room's staged inbound events, processed together.
-        self.staged_runs = StagedRuns(api._hs, self.store, config.resync.inbound_run_length)
-
         # Synapse runs resyncs on the main process only; so does the engine.
         self.engine: ResyncEngine | None = None
         if config.resync.engine and self._is_main_process:
             self.engine = ResyncEngine(api._hs, config.resync, self.store)
+
+        # Runs of a room's staged inbound events, processed together; kept out
+        # of the end of a resync run by this process.
+        self.staged_runs = StagedRuns(
+            api._hs,
+            self.store,
+            config.resync.inbound_run_length,
+            self.engine.finish_gate if self.engine is not None else None,
+        )
 
         # Bounded waits for full state (any process), and the admin's retry and
         # abort (main process: where resyncs run).

@@ -80,6 +80,8 @@ from synapse_fastjoin.storage.store import FastJoinStore
 if TYPE_CHECKING:
     from synapse.server import HomeServer
 
+    from synapse_fastjoin.resync.finish_gate import FinishGate
+
 logger = logging.getLogger(__name__)
 
 # Runs shorter than this are left to Synapse: nothing to save.
@@ -100,10 +102,15 @@ class StagedRunStats:
 
 
 class StagedRuns:
-    def __init__(self, hs: "HomeServer", store: FastJoinStore, run_length: int) -> None:
+    def __init__(
+        self, hs: "HomeServer", store: FastJoinStore, run_length: int, gate: "FinishGate | None" = None
+    ) -> None:
         self._hs = hs
         self._store = store
         self._run_length = run_length
+        # The resync engine's (this process runs resyncs): keeps runs checked
+        # against partial state out of the end of a resync (resync/finish_gate.py).
+        self._gate = gate
         self.stats = StagedRunStats()
         self._ready = False
 
@@ -134,6 +141,31 @@ class StagedRuns:
             return False
         if room_id in self._federation_event_handler.room_queues:
             return False
+        gate = self._gate
+        if gate is not None and await self._main.is_partial_state_room(room_id):
+            if not await gate.wait_open(room_id):
+                logger.debug("Staged events of %s waited for the end of its resync", room_id)
+            if await self._main.is_partial_state_room(room_id):
+                async with gate.partial_run(room_id):
+                    return await self._process(origin, event, room_version)
+        return await self._process(origin, event, room_version)
+
+    async def _process(self, origin: str, event: EventBase, room_version: Any) -> bool:
+        """A run from `event`, or False: Synapse's path takes `event`. A
+        failure gives the run back too, counted as such (patch 0027's caller
+        would log it and fall back to Synapse's path by itself)."""
+        try:
+            return await self._process_run(origin, event, room_version)
+        except Exception:
+            self.stats.given_back += 1
+            logger.warning(
+                "Run of staged events from %s in %s given back after an error", event.event_id, event.room_id,
+                exc_info=True,
+            )
+            return False
+
+    async def _process_run(self, origin: str, event: EventBase, room_version: Any) -> bool:
+        room_id = event.room_id
         staged = await self._store.next_staged_events(room_id, self._run_length)
         if len(staged) < _MIN_RUN or (staged[0][0], staged[0][1]) != (origin, event.event_id):
             return False
@@ -247,17 +279,17 @@ class StagedRuns:
         self, room_id: str, extremities: frozenset[str], run: list[tuple[str, EventBase, EventContext]]
     ) -> bool:
         pairs = [(ev, context) for _, ev, context in run]
-        min_depth = await self._main.get_min_depth(room_id)
-        # Push actions for the events Synapse would compute them for (its
-        # `_run_push_actions_and_persist_event`), in order.
-        await self._push_evaluator.action_for_events_by_user(
-            [
-                (ev, context)
-                for ev, context in pairs
-                if not context.rejected and min_depth is not None and min_depth <= ev.depth
-            ]
-        )
         try:
+            min_depth = await self._main.get_min_depth(room_id)
+            # Push actions for the events Synapse would compute them for (its
+            # `_run_push_actions_and_persist_event`), in order.
+            await self._push_evaluator.action_for_events_by_user(
+                [
+                    (ev, context)
+                    for ev, context in pairs
+                    if not context.rejected and min_depth is not None and min_depth <= ev.depth
+                ]
+            )
             # Another path may have persisted an event in the room since the
             # run's extremities were read (a local user's ban, say): Synapse
             # would check the events after it for soft-failure against it.

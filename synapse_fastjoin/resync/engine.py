@@ -50,6 +50,7 @@ from synapse.util.duration import Duration
 from synapse_fastjoin.handlers.device_lists import RemoteDeviceListCheck
 from synapse_fastjoin.resync.checkpool import CheckPool
 from synapse_fastjoin.resync.fetch import StateFetcher
+from synapse_fastjoin.resync.finish_gate import FinishGate
 from synapse_fastjoin.resync.keys import start_key_prefetch
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.storage.current_state import update_current_state
@@ -150,6 +151,9 @@ class ResyncEngine:
         reactor.addSystemEventTrigger("during", "shutdown", self._threadpool.stop)
         self.checkpool = CheckPool(reactor, config.check_processes)
         reactor.addSystemEventTrigger("before", "shutdown", self.checkpool.stop)
+        # Between runs of staged events checked against partial state and the
+        # end of a resync (resync/finish_gate.py); handed to StagedRuns.
+        self.finish_gate = FinishGate(reactor)
         self._wal_hold = WalCheckpointHold(
             hs.get_datastores().main.db_pool, config.sqlite_wal_autocheckpoint, reactor=reactor
         )
@@ -178,7 +182,8 @@ class ResyncEngine:
             )
             progress.retries = progress.retries_before = int(checkpoint.get("retries") or 0)
         run = _RoomResync(
-            self._hs, self._config, self._store, self._threadpool, self.checkpool, room_id, progress
+            self._hs, self._config, self._store, self._threadpool, self.checkpool, room_id, progress,
+            self.finish_gate,
         )
         run.add_destinations(initial_destination, other_destinations)
         logger_call = self._hs.get_clock().looping_call(
@@ -287,8 +292,10 @@ class _RoomResync:
         checkpool: CheckPool,
         room_id: str,
         progress: ResyncProgress,
+        finish_gate: FinishGate | None = None,
     ) -> None:
         self._hs = hs
+        self._finish_gate = finish_gate
         self._config = config
         self._fastjoin_store = store
         self._threadpool = threadpool
@@ -478,10 +485,28 @@ class _RoomResync:
 
     async def _one_pass(self) -> bool:
         """Bring every partial-state event up to full state, then finish.
-        Returns True once the room is done; False to go round again."""
+        Returns True once the room is done; False to go round again.
+
+        The finish gate is closed once the state at the join is stored and
+        reopened when the pass ends, however it ends."""
+        try:
+            return await self._one_pass_gated()
+        finally:
+            if self._finish_gate is not None:
+                self._finish_gate.reopen(self._room_id)
+
+    async def _one_pass_gated(self) -> bool:
         self._progress.set_phase(PHASE_STARTING)
         # Servers that failed in the last attempt get another chance.
         self._destinations.new_round()
+        if not await self._catch_up_all():
+            return True
+        return await self._finish()
+
+    async def _catch_up_all(self) -> bool:
+        """Brings every partial-state event of the room up to full state (the
+        join event first, with the fetch of the state at it). Returns False
+        if the room turned out not to be partial-state any more."""
         while True:
             batch = await self._partial_state_events_in_order()
             self._progress.catchup_remaining = len(batch)
@@ -493,7 +518,7 @@ class _RoomResync:
                 if self._aborted:
                     raise defer.CancelledError()
                 if not await self._main.is_partial_state_room(self._room_id):
-                    return True
+                    return False
                 # Runs of events whose parents are stored with full state (or
                 # earlier in the run) go in batches; anything else (the join
                 # event, gaps, forks) one at a time through the general path.
@@ -515,7 +540,7 @@ class _RoomResync:
                 # Every remaining event waits on a partial prev event that is
                 # not in our list yet (it is being persisted right now).
                 await self._clock.sleep(Duration(seconds=1))
-        return await self._finish()
+        return True
 
     async def _partial_state_events_in_order(self) -> list[EventBase]:
         """The room's partial-state events, parents before children (by depth,
@@ -557,6 +582,10 @@ class _RoomResync:
             await self._main.update_state_for_partial_state_event(event, context)
             self._storage.state.notify_event_un_partial_stated(event.event_id)
             self._notifier.notify_replication()
+        if missing and self._finish_gate is not None:
+            # The state at the join is stored: what is left takes seconds, and
+            # a run checked against partial state now would straddle it.
+            self._finish_gate.close(self._room_id)
         if not missing:
             self._progress.catchup_done += 1
         return True
@@ -881,6 +910,20 @@ class _RoomResync:
         a new partial-state event raced in (go round again)."""
         room_id = self._room_id
         self._progress.set_phase(PHASE_FINISHING)
+        gate = self._finish_gate
+        if gate is not None:
+            gate.close(room_id)
+            if gate.in_flight(room_id):
+                if not await gate.wait_for_runs(room_id):
+                    logger.info(
+                        "Resync of %s: a run of staged events is still being checked against "
+                        "the partial state; going on without it",
+                        room_id,
+                    )
+                # Events the runs persisted with partial state are caught up
+                # first (the gate stays closed: no new ones).
+                if not await self._catch_up_all():
+                    return True
         joined_while_partial = await self._device_lists.remote_joined_users(room_id)
         logger.info("Resync of %s: updating current state", room_id)
         if self._config.current_state_chunk_size:
