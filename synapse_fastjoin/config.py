@@ -118,6 +118,12 @@ class ResyncConfig:
     """Stop Synapse from pruning a partial-state room's queue of inbound events
     (which otherwise drops most live events during a long resync)."""
 
+    batch_inbound_staging: bool = True
+    """Check and stage a `/send` transaction's PDUs of a room together
+    (federation/staging.py: one staging transaction and one lock attempt for
+    the room's PDUs instead of about three transactions each). False: one at
+    a time, as stock Synapse does."""
+
     inbound_run_length: int = 100
     """At most this many staged inbound events of a room are processed
     together as one run (handlers/staged_runs.py: a chain of non-state events
@@ -238,6 +244,7 @@ _RESYNC_PARSERS = {
     "backoff_max_seconds": lambda key, v: _int(key, v, 1),
     "log_interval_seconds": lambda key, v: _int(key, v, 1),
     "keep_inbound_queue": lambda key, v: _bool(key, v),
+    "batch_inbound_staging": lambda key, v: _bool(key, v),
     "inbound_queue_limit": lambda key, v: _queue_limit(key, v),
     "inbound_run_length": lambda key, v: _int(key, v, 0, 100),
 }

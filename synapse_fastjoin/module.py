@@ -15,6 +15,7 @@ from synapse_fastjoin.admin import servlets as admin_servlets
 from synapse_fastjoin.config import FastJoinConfig, parse_config
 from synapse_fastjoin.federation.destinations import PartialStateDestinations
 from synapse_fastjoin.federation.device_lists import DeviceListReplay
+from synapse_fastjoin.federation.staging import BatchStaging
 from synapse_fastjoin.federation.state_ids import OwnEventStateIds
 from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.inbound_queue import InboundQueue
@@ -34,7 +35,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 11
+HOOKS_API_VERSION = 12
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -115,6 +116,10 @@ class FastJoinModule:
         self.provisional_rejections = ProvisionalRejections(api._hs)
         self.user_directory = UserDirectoryBatcher()
         self.make_join_state = MakeJoinState(api._hs)
+        # A /send transaction's PDUs of a room, checked and staged together
+        # (any process that receives federation).
+        self.batch_staging = BatchStaging(api._hs, self.store)
+
         # The memberships of a batch of state deltas, for the stats and
         # presence handlers (whichever process runs them).
         self.state_delta_memberships = StateDeltaMemberships(api._hs)
@@ -150,6 +155,9 @@ class FastJoinModule:
             ),
             process_staged_run=(
                 self.staged_runs.process_staged_run if config.resync.inbound_run_length else None
+            ),
+            stage_received_pdus=(
+                self.batch_staging.stage_received_pdus if config.resync.batch_inbound_staging else None
             ),
         )
 

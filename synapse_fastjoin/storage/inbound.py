@@ -328,3 +328,20 @@ def remove_staged_events_txn(txn: LoggingTransaction, rows: Iterable[tuple[str, 
         if row is not None:
             received.append(int(row[0]))
     return received
+
+
+# Rows (origin, room_id, event_id, received_ts, event_json, internal_metadata)
+# to stage, as Synapse's `insert_received_event_to_staging` writes them.
+NewStagedRow = tuple[str, str, str, int, str, str]
+
+
+def stage_received_events_txn(txn: LoggingTransaction, rows: list[NewStagedRow]) -> None:
+    """Stage inbound events, as Synapse's `insert_received_event_to_staging`
+    does one at a time (an upsert on (origin, event_id) that leaves a row
+    already there as it is), in one transaction (federation/staging.py)."""
+    txn.execute_batch(
+        "INSERT INTO federation_inbound_events_staging"
+        " (origin, room_id, event_id, received_ts, event_json, internal_metadata)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (origin, event_id) DO NOTHING",
+        rows,
+    )

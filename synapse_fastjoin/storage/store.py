@@ -448,6 +448,11 @@ class FastJoinStore:
             "fastjoin_next_staged_events", inbound.next_staged_events_txn, room_id, limit
         )
 
+    async def stage_received_events(self, rows: list[inbound.NewStagedRow]) -> None:
+        await self._interaction(
+            "fastjoin_stage_received_events", inbound.stage_received_events_txn, rows
+        )
+
     async def remove_staged_events(self, rows: list[tuple[str, str]]) -> list[int]:
         return await self._interaction(
             "fastjoin_remove_staged_events", inbound.remove_staged_events_txn, rows
