@@ -52,6 +52,7 @@ from synapse_fastjoin.resync.progress import (
 
 if TYPE_CHECKING:
     from synapse_fastjoin.handlers.inbound_queue import InboundQueueStats
+    from synapse_fastjoin.federation.staging import StagingStats
     from synapse_fastjoin.handlers.staged_runs import StagedRunStats
     from synapse.module_api import ModuleApi
 
@@ -176,7 +177,21 @@ RUN_COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "synapse_fastjoin_inbound_runs_given_back_total": (
         "given_back",
-        "Runs whose persistence failed, given back to Synapse's one-at-a-time path",
+        "Runs given back to Synapse's one-at-a-time path (their persistence failed, "
+        "the room changed meanwhile, or an error)",
+    ),
+}
+
+# Counter name -> (StagingStats field, help): /send transactions' PDUs of a
+# room staged together (resync.batch_inbound_staging, federation/staging.py).
+STAGING_COUNTERS: dict[str, tuple[str, str]] = {
+    "synapse_fastjoin_inbound_staged_batches_total": (
+        "transactions",
+        "A /send transaction's PDUs of a room checked and staged together",
+    ),
+    "synapse_fastjoin_inbound_staged_pdus_total": (
+        "pdus",
+        "Inbound PDUs staged in those batches (this process)",
     ),
 }
 
@@ -233,6 +248,7 @@ COUNTERS: tuple[_Series, ...] = (
     *((name, doc, ("counters", field)) for name, (field, doc) in PROGRESS_COUNTERS.items()),
     *((name, doc, ("inbound", field)) for name, (field, doc) in INBOUND_COUNTERS.items()),
     *((name, doc, ("runs", field)) for name, (field, doc) in RUN_COUNTERS.items()),
+    *((name, doc, ("staging", field)) for name, (field, doc) in STAGING_COUNTERS.items()),
     (
         "synapse_fastjoin_resyncs_started",
         "Resync runs started in this process (after a join, or resumed on start-up)",
@@ -327,6 +343,7 @@ class FastJoinMetrics:
         engine: "ResyncEngine | None",
         inbound: "InboundQueueStats | None" = None,
         runs: "StagedRunStats | None" = None,
+        staging: "StagingStats | None" = None,
     ) -> None:
         self._api = api
         self._engine = engine
@@ -334,6 +351,8 @@ class FastJoinMetrics:
         self._inbound = inbound
         # Totals of the staged events' runs (handlers/staged_runs.py) in this process.
         self._runs = runs
+        # Totals of the /send batches staged (federation/staging.py) in this process.
+        self._staging = staging
         self.server_name = api.server_name
         self._lock = threading.Lock()
         # Totals of the runs that ended; the runs going on, by room.
@@ -599,6 +618,10 @@ class FastJoinMetrics:
             "runs": {
                 field: getattr(self._runs, field) if self._runs else 0
                 for field, _ in RUN_COUNTERS.values()
+            },
+            "staging": {
+                field: getattr(self._staging, field) if self._staging else 0
+                for field, _ in STAGING_COUNTERS.values()
             },
         }
 

@@ -164,7 +164,9 @@ class FastJoinModule:
         # Prometheus metrics (served by Synapse's metrics listener), main only.
         self.metrics: FastJoinMetrics | None = None
         if self._is_main_process:
-            self.metrics = FastJoinMetrics(api, self.engine, self.inbound_queue.stats, self.staged_runs.stats)
+            self.metrics = FastJoinMetrics(
+                api, self.engine, self.inbound_queue.stats, self.staged_runs.stats, self.batch_staging.stats
+            )
             self.metrics.start()
 
         if self._is_main_process:
