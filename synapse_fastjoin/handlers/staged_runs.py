@@ -30,7 +30,10 @@ before any of them is persisted:
   as it does in partial-state rooms (no soft-fail while partial);
 - every event is a non-state event other than a redaction, is not yet
   stored (not even as an outlier), passes `_sanity_check_event`, has every
-  auth event stored (so `_check_event_auth` asks no other server), is not
+  auth event stored (so `_check_event_auth` asks no other server; before
+  that, the auth chains Synapse's `_check_event_auth` would fetch for the
+  run's events, such as their senders' memberships in a partial-state room,
+  are fetched for several events at once, as Synapse fetches them), is not
   referenced as a prev event by a stored event (which would change the
   extremities), and does not relate (`m.relates_to`) to an event of the run;
 - the spam checker's `should_drop_federated_event` keeps every event after
@@ -74,6 +77,7 @@ from synapse.events.snapshot import EventContext, UnpersistedEventContext
 from synapse.federation.federation_server import pdu_process_time
 from synapse.metrics import SERVER_NAME_LABEL
 from synapse.storage._base import db_to_json
+from synapse.util.async_helpers import concurrently_execute
 
 from synapse_fastjoin.storage.store import FastJoinStore
 
@@ -86,6 +90,8 @@ logger = logging.getLogger(__name__)
 
 # Runs shorter than this are left to Synapse: nothing to save.
 _MIN_RUN = 2
+# Auth chains fetched at once for a run's events (see _fetch_missing_auth_events).
+_AUTH_FETCH_CONCURRENCY = 10
 
 
 class _ExtremitiesMoved(Exception):
@@ -227,12 +233,46 @@ class StagedRuns:
         ids = [ev.event_id for _, ev in run]
         seen = await self._main.have_seen_events(room_id, ids)
         referenced = set(await self._persist_store._get_events_which_are_prevs(ids))
+        for i, (_, ev) in enumerate(run):
+            if ev.event_id in seen or ev.event_id in referenced:
+                run = run[:i]
+                break
         auth_ids = {a for _, ev in run for a in ev.auth_event_ids()}
         have_auth = await self._main.have_seen_events(room_id, auth_ids)
+        if not auth_ids <= have_auth:
+            # What Synapse's `_check_event_auth` would fetch for each event
+            # (its sender's membership, say, in a partial-state room).
+            await self._fetch_missing_auth_events(run, have_auth)
+            have_auth = await self._main.have_seen_events(room_id, auth_ids)
         for i, (_, ev) in enumerate(run):
-            if ev.event_id in seen or ev.event_id in referenced or not set(ev.auth_event_ids()) <= have_auth:
+            if not set(ev.auth_event_ids()) <= have_auth:
                 return run[:i]
         return run
+
+    async def _fetch_missing_auth_events(self, run: list[tuple[str, EventBase]], have: set[str]) -> None:
+        """For each event of the run with auth events not stored, what
+        Synapse's `_check_event_auth` does first
+        (`_load_or_fetch_auth_events_for_event`: the event's auth chain from
+        the server that sent it, persisted as outliers), for several events
+        at once, each missing auth event asked for once. An event whose auth
+        events are still missing afterwards ends the run, and Synapse's path
+        then tries (and fails) as it would have."""
+        covered = set(have)
+        wanted: list[tuple[str, EventBase]] = []
+        for origin, ev in run:
+            missing = set(ev.auth_event_ids()) - covered
+            if missing:
+                wanted.append((origin, ev))
+                covered |= missing
+
+        async def fetch(item: tuple[str, EventBase]) -> None:
+            origin, ev = item
+            try:
+                await self._federation_event_handler._load_or_fetch_auth_events_for_event(origin, ev)
+            except Exception as e:
+                logger.info("Auth events of staged event %s not fetched: %s", ev.event_id, e)
+
+        await concurrently_execute(fetch, wanted, _AUTH_FETCH_CONCURRENCY)
 
     async def _authorised(
         self, run: list[tuple[str, EventBase]]

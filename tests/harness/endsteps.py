@@ -17,6 +17,7 @@ the end step under test: `update_current_state`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from typing import Any
 
 import attr
@@ -86,9 +87,12 @@ def join_scenario(room_version: str, members: int, servers: int, local_server: s
     return JoinScenario(room.room_id, room, room.version, join_event.as_dict(), partial_state, full_state)
 
 
-async def prepare_partial_join(hs: SynapseHomeServer, scenario: JoinScenario, batch: int = 2000) -> EventBase:
-    """Store the room's events as outliers and the join with its partial
-    state (the room's current state becomes the partial state)."""
+async def prepare_partial_join(
+    hs: SynapseHomeServer, scenario: JoinScenario, batch: int = 2000, leave_out: Collection[str] = ()
+) -> EventBase:
+    """Store the room's events as outliers (but those in `leave_out`: as if
+    the resync had not stored them yet) and the join with its partial state
+    (the room's current state becomes the partial state)."""
     room = scenario.room
     version = room.version
     store = hs.get_datastores().main
@@ -98,6 +102,8 @@ async def prepare_partial_join(hs: SynapseHomeServer, scenario: JoinScenario, ba
         event = make_event_from_dict(stored.as_dict(), version)
         if event.type == "m.room.member" and event.state_key == scenario.join["state_key"] and event.sender == event.state_key:
             join_id = event.event_id
+            continue
+        if event.event_id in leave_out:
             continue
         event.internal_metadata.outlier = True
         events.append(event)
