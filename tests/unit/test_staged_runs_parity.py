@@ -200,19 +200,6 @@ async def _drain(hs: SynapseHomeServer, scenario: JoinScenario) -> None:
     await hs.get_federation_server()._process_incoming_pdus_in_room_inner(scenario.room_id, scenario.version, lock)
 
 
-def _auth_chain(room: Any, auth_ids: list[str]) -> list[str]:
-    """`auth_ids` and their auth chain in the generated room, in DAG order."""
-    seen: set[str] = set()
-    todo = list(auth_ids)
-    while todo:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        todo.extend(room.by_id[current].auth_events)
-    return sorted(seen, key=room.index_of)
-
-
 def _canonical(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for table, (columns, *rows) in tables.items():
@@ -310,7 +297,7 @@ async def test_runs_write_what_synapse_writes(
                 destination: str, room_id: str, event_id: str, asked: list[str] = fetched.setdefault(name, [])
             ) -> list[EventBase]:
                 asked.append(event_id)
-                chain = _auth_chain(room, room.by_id[event_id].auth_events)
+                chain = room.auth_chain([event_id])
                 return [make_event_from_dict(room.by_id[e].as_dict(), scenario.version) for e in chain]
 
             hs.get_federation_client().get_event_auth = get_event_auth  # type: ignore[method-assign]
