@@ -32,6 +32,7 @@ from tests.harness.fakehs.room import RoomSpec
 from tests.harness.fakehs.server import FakeResident
 
 SPEC = RoomSpec(members=200, servers=1, history=6)
+EVENT_AUTH = r"^/_matrix/federation/v1/event_auth/[^/]+/[^/]+$"
 STRANGER = "stranger.fake"
 _DROPPED_LOG = re.compile(r"Inbound queue of \S+ passed its bound of (\d+) events: dropped (\d+)")
 _REFETCHED_LOG = re.compile(
@@ -204,6 +205,10 @@ async def test_restart_with_a_full_queue_loses_nothing(
     async with partial_join(
         synapse_factory, tls_files, tmp_path, inbound_queue_limit=limit
     ) as (resident, j):
+        # The room's processing stalls on its first event (its sender's auth
+        # chain is asked of the resident, which holds the answer), so the
+        # queue is full when the joiner stops, whatever its speed.
+        resident.hold(EVENT_AUTH)
         ids = burst(resident, count)
         await poll_until(lambda: resident._sender.sent >= count, timeout=300, interval=0.5)
         staged, pending = _staged(j), dropped_rows(j).get("pending", 0)
