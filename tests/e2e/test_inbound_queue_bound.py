@@ -26,13 +26,12 @@ from tests.e2e.test_resync_bad_input import (
     join,
     start_resident,
 )
-from tests.e2e.test_resync_live_traffic import _breakdown, _persisted, _staged
+from tests.e2e.test_resync_live_traffic import EVENT_AUTH, _breakdown, _persisted, _staged
 from tests.harness.client import poll_until, sleep
 from tests.harness.fakehs.room import RoomSpec
 from tests.harness.fakehs.server import FakeResident
 
 SPEC = RoomSpec(members=200, servers=1, history=6)
-EVENT_AUTH = r"^/_matrix/federation/v1/event_auth/[^/]+/[^/]+$"
 STRANGER = "stranger.fake"
 _DROPPED_LOG = re.compile(r"Inbound queue of \S+ passed its bound of (\d+) events: dropped (\d+)")
 _REFETCHED_LOG = re.compile(

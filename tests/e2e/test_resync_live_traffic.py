@@ -19,6 +19,8 @@ from tests.e2e.test_resync_bad_input import (
 from tests.harness.client import poll_until, sleep
 from tests.harness.fakehs.room import RoomSpec
 
+EVENT_AUTH = r"^/_matrix/federation/v1/event_auth/[^/]+/[^/]+$"
+
 SPEC = RoomSpec(members=200, servers=1, history=6)
 LIVE = 300
 
@@ -70,8 +72,12 @@ async def test_every_live_event_sent_while_partial_is_kept_and_accepted(
     resident = await start_resident(tls_files, tmp_path, spec=SPEC)
     try:
         # Keep the room partial while a burst of live events arrives: far more
-        # than the 100 at which Synapse would prune the queue.
+        # than the 100 at which Synapse would prune the queue. The resident
+        # also holds its answers to /event_auth, so the room's processing
+        # stalls on its first event (whose sender's auth chain it asks for)
+        # and the burst piles up whatever the processing's speed.
         resident.hold(STATE_IDS)
+        resident.hold(EVENT_AUTH)
         j = await join(synapse_factory, resident)
         await poll_until(lambda: resident.held_count() >= 1, timeout=TIMEOUT)
         resident.inject(rate=100, count=LIVE)
