@@ -96,6 +96,34 @@ def homeservers_on_fresh_databases(
                 postgres_admin.drop_database(db_name)
 
 
+# The user directory and the room statistics follow the room's state in the
+# background, on their own time: off for tests that compare tables.
+QUIET_BACKGROUND: Mapping[str, Any] = {
+    "update_user_directory_from_worker": "elsewhere",
+    "stats": {"enabled": False},
+}
+
+
+@contextmanager
+def homeservers_for_fixture(
+    names: Sequence[str],
+    server_name: str,
+    db_backend: str,
+    tmp_path_factory: Any,
+    request: "pytest.FixtureRequest",
+    extra_config: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, SynapseHomeServer]]:
+    """`homeservers_on_fresh_databases` for a test fixture, every server
+    named `server_name`: PostgreSQL's through the `postgres_admin` fixture."""
+    admin: PostgresAdmin | None = (
+        request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
+    )
+    with homeservers_on_fresh_databases(
+        names, db_backend, tmp_path_factory, admin, lambda _: server_name, extra_config
+    ) as made:
+        yield made
+
+
 @contextmanager
 def homeserver_on_fresh_database(
     name: str,
@@ -104,13 +132,7 @@ def homeserver_on_fresh_database(
     tmp_path_factory: Any,
     request: "pytest.FixtureRequest",
 ) -> Iterator[SynapseHomeServer]:
-    """One HomeServer named `server_name` on a fresh database of `db_backend`
-    (`homeservers_on_fresh_databases` for a single server), for a test
-    fixture: PostgreSQL's through the `postgres_admin` fixture."""
-    admin: PostgresAdmin | None = (
-        request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    )
-    with homeservers_on_fresh_databases(
-        (name,), db_backend, tmp_path_factory, admin, server_name=lambda _: server_name
-    ) as made:
+    """One HomeServer named `server_name` on a fresh database of `db_backend`,
+    for a test fixture."""
+    with homeservers_for_fixture((name,), server_name, db_backend, tmp_path_factory, request) as made:
         yield made[name]

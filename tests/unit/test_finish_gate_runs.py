@@ -35,7 +35,6 @@ from synapse_fastjoin.resync.finish_gate import FinishGate
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness import inprocess
 from tests.harness.endsteps import JoinScenario, join_scenario, prepare_partial_join, un_partial_join
-from tests.harness.postgres import PostgresAdmin
 from tests.unit.test_staged_runs_parity import _drain, _stage
 
 SERVER = "joiner.test"
@@ -45,14 +44,8 @@ SERVER = "joiner.test"
 def homeserver(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[SynapseHomeServer]:
-    admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    with inprocess.homeservers_on_fresh_databases(
-        ("runs",),
-        db_backend,
-        tmp_path_factory,
-        admin,
-        lambda _: SERVER,
-        {"update_user_directory_from_worker": "elsewhere", "stats": {"enabled": False}},
+    with inprocess.homeservers_for_fixture(
+        ("runs",), SERVER, db_backend, tmp_path_factory, request, inprocess.QUIET_BACKGROUND
     ) as made:
         yield made["runs"]
 

@@ -38,7 +38,7 @@ from signedjson.key import get_verify_key
 from signedjson.sign import sign_json
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.crypto.keyring import FetchKeyResult
-from synapse.events import EventBase
+from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
 from synapse.logging.context import LoggingContext
 from twisted.internet import reactor, task
@@ -48,7 +48,6 @@ from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness import inprocess
 from tests.harness.endsteps import JoinScenario, join_scenario, prepare_partial_join
 from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key
-from tests.harness.postgres import PostgresAdmin
 
 SERVER = "joiner.test"
 
@@ -57,14 +56,8 @@ SERVER = "joiner.test"
 def homeservers(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, Any]]:
-    admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    with inprocess.homeservers_on_fresh_databases(
-        ("synapse", "batch"),
-        db_backend,
-        tmp_path_factory,
-        admin,
-        lambda _: SERVER,
-        {"update_user_directory_from_worker": "elsewhere", "stats": {"enabled": False}},
+    with inprocess.homeservers_for_fixture(
+        ("synapse", "batch"), SERVER, db_backend, tmp_path_factory, request, inprocess.QUIET_BACKGROUND
     ) as made:
         yield made
 
@@ -177,14 +170,13 @@ async def test_staged_together_as_synapse_stages(homeservers: dict[str, SynapseH
     assert len(staged_ids) == 3 + 4 + 1, staged_ids
     # The redacted event was staged redacted, on both.
     assert any('"changed after signing"' not in r[3] and "the original" not in r[3] for r in rows["synapse"])
-    # In the order sent.
-    sent = []
+    # In the order first sent (so the PDU staged again in the second
+    # transaction kept its first received time), with no two times alike.
+    sent: list[str] = []
     for pdus in transactions:
         for pdu in pdus:
-            event_id = next((r[2] for r in rows["batch"] if r[3].find(str(pdu["origin_server_ts"])) >= 0), None)
-            if event_id is not None and event_id not in sent:
+            event_id = make_event_from_dict(copy.deepcopy(pdu), scenario.version).event_id
+            if event_id in staged_ids and event_id not in sent:
                 sent.append(event_id)
     assert staged_ids == sent
-    # The event staged again in the second transaction kept its first time.
-    first_ts = {r[2]: r[5] for r in rows["batch"]}
-    assert len(set(first_ts.values())) == len(first_ts)
+    assert len({r[5] for r in rows["batch"]}) == len(rows["batch"])

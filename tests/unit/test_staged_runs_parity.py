@@ -54,7 +54,6 @@ from tests.harness.endsteps import (
     un_partial_join,
 )
 from tests.harness.outliers import dump_tables
-from tests.harness.postgres import PostgresAdmin
 
 SERVER = "joiner.test"
 JOINER = f"@joiner:{SERVER}"
@@ -95,16 +94,8 @@ SKIPPED_TABLES = {
 def homeservers(
     db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, SynapseHomeServer]]:
-    admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    # The user directory and the room statistics follow the room's state in
-    # the background, on their own time; messages change no state.
-    with inprocess.homeservers_on_fresh_databases(
-        ("synapse", "runs"),
-        db_backend,
-        tmp_path_factory,
-        admin,
-        lambda _: SERVER,
-        {"update_user_directory_from_worker": "elsewhere", "stats": {"enabled": False}},
+    with inprocess.homeservers_for_fixture(
+        ("synapse", "runs"), SERVER, db_backend, tmp_path_factory, request, inprocess.QUIET_BACKGROUND
     ) as made:
         yield made
 
