@@ -21,7 +21,7 @@ from synapse_fastjoin.handlers.control import RoomControl
 from synapse_fastjoin.handlers.inbound_queue import InboundQueue
 from synapse_fastjoin.handlers.make_join import MakeJoinState
 from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
-from synapse_fastjoin.handlers.presence import PartialStatePresence
+from synapse_fastjoin.handlers.presence import JoinFanout, PartialStatePresence
 from synapse_fastjoin.handlers.provisional_rejections import ProvisionalRejections
 from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.handlers.state_deltas import StateDeltaMemberships
@@ -35,7 +35,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 12
+HOOKS_API_VERSION = 13
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -123,6 +123,9 @@ class FastJoinModule:
         # The memberships of a batch of state deltas, for the stats and
         # presence handlers (whichever process runs them).
         self.state_delta_memberships = StateDeltaMemberships(api._hs)
+        # Who was in a room before a join, for the presence handler's fan-out
+        # (whichever process runs it), from counts the database keeps.
+        self.join_fanout = JoinFanout(api._hs, self.store)
 
         api.register_fastjoin_callbacks(  # type: ignore[attr-defined]
             on_partial_state_join=self._on_partial_state_join,
@@ -150,6 +153,7 @@ class FastJoinModule:
             joined_member_count=self.store.joined_member_count,
             make_join_state_ids=self.make_join_state.state_ids,
             state_delta_memberships=self.state_delta_memberships.memberships,
+            presence_join_fanout=self.join_fanout.prev_members,
             on_inbound_event_staged=(
                 self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
             ),

@@ -1,6 +1,7 @@
 # Copyright (C) 2026 The synapse-fastjoin authors
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Each room's number of joined members, kept by the database itself.
+"""Each room's number of joined members, and each (room, server)'s, kept by
+the database itself.
 
 Synapse's `get_number_joined_users_in_room` (read by the push rule evaluator
 for every event, and by `/joined_members`) is a `COUNT(*)` over the room's
@@ -15,6 +16,12 @@ a background update). Reading it is one primary-key lookup, and at every
 committed state of the database it equals what the `COUNT(*)` would return
 then; Synapse's cache and its invalidation (replication included) are left as
 they are, so the count is read back exactly when Synapse would have counted.
+
+`fastjoin_room_server_joined_counts` (schema version 6) holds the same count
+per room and server (the user id's part after its first colon, Synapse's
+`get_domain_from_id`), for the presence handler's fan-out of a join (patch
+0029: which servers were already in the room, without reading the room's whole
+member list for every join; `handlers/presence.py`).
 
 - SQLite: row triggers (`WHEN` the row is or was a join).
 - PostgreSQL: statement triggers with transition tables, one upsert per
@@ -32,149 +39,182 @@ and fills the table again at its next start, and until then no process answers
 from the table (`joined_counts_kept_txn`): Synapse counts.
 """
 
+from dataclasses import dataclass
+
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import PostgresEngine
 
 TABLE = "fastjoin_room_joined_counts"
+SERVER_TABLE = "fastjoin_room_server_joined_counts"
 
-_CREATE_TABLE = f"""
-    CREATE TABLE {TABLE} (
-        room_id TEXT NOT NULL PRIMARY KEY,
-        joined BIGINT NOT NULL
-    )
-"""
-
-_FILL = f"""
-    INSERT INTO {TABLE} (room_id, joined)
-    SELECT room_id, COUNT(*) FROM current_state_events
-    WHERE membership = 'join'
-    GROUP BY room_id
-"""
-
-_SQLITE_TRIGGERS = [
-    f"""
-    CREATE TRIGGER fastjoin_joined_counts_insert
-    AFTER INSERT ON current_state_events
-    WHEN NEW.membership = 'join'
-    BEGIN
-        INSERT INTO {TABLE} (room_id, joined) VALUES (NEW.room_id, 1)
-        ON CONFLICT (room_id) DO UPDATE SET joined = joined + 1;
-    END
-    """,
-    f"""
-    CREATE TRIGGER fastjoin_joined_counts_delete
-    AFTER DELETE ON current_state_events
-    WHEN OLD.membership = 'join'
-    BEGIN
-        UPDATE {TABLE} SET joined = joined - 1 WHERE room_id = OLD.room_id;
-    END
-    """,
-    # An update takes the old row out and puts the new one in (Synapse's
-    # background update that fills the membership column is one).
-    f"""
-    CREATE TRIGGER fastjoin_joined_counts_update_old
-    AFTER UPDATE ON current_state_events
-    WHEN OLD.membership = 'join'
-    BEGIN
-        UPDATE {TABLE} SET joined = joined - 1 WHERE room_id = OLD.room_id;
-    END
-    """,
-    f"""
-    CREATE TRIGGER fastjoin_joined_counts_update_new
-    AFTER UPDATE ON current_state_events
-    WHEN NEW.membership = 'join'
-    BEGIN
-        INSERT INTO {TABLE} (room_id, joined) VALUES (NEW.room_id, 1)
-        ON CONFLICT (room_id) DO UPDATE SET joined = joined + 1;
-    END
-    """,
-]
+# A user id's server name (`get_domain_from_id`: after the first colon), from a
+# row `r` of current_state_events, on each engine.
+_SQLITE_SERVER = "substr({r}.state_key, instr({r}.state_key, ':') + 1)"
+_POSTGRES_SERVER = "substring({r}.state_key FROM position(':' IN {r}.state_key) + 1)"
 
 
-def _postgres_function(name: str, deltas: str) -> str:
-    """A trigger function adding, per room, the sum of `deltas` (a query of
-    `room_id, d` rows over the statement's transition tables)."""
-    return f"""
-    CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        INSERT INTO {TABLE} AS c (room_id, joined)
-        SELECT room_id, SUM(d) FROM ({deltas}) AS deltas
-        GROUP BY room_id HAVING SUM(d) <> 0
-        ON CONFLICT (room_id) DO UPDATE SET joined = c.joined + EXCLUDED.joined;
-        RETURN NULL;
-    END
-    $$
-    """
+@dataclass(frozen=True)
+class KeptCount:
+    """A count of joined rows of `current_state_events` per `keys`, in
+    `table`, kept by triggers named `prefix` + `_insert` etc."""
+
+    table: str
+    prefix: str
+    # Key columns after room_id, each with its expression over a row `{r}` on
+    # SQLite and on PostgreSQL.
+    extra_keys: tuple[tuple[str, str, str], ...]
+    # Rows counted besides `membership = 'join'` (over a row `{r}`).
+    extra_filter: str
+
+    @property
+    def _column_list(self) -> list[str]:
+        return ["room_id", *(k[0] for k in self.extra_keys)]
+
+    @property
+    def _columns(self) -> str:
+        return ", ".join(self._column_list)
+
+    def _value_list(self, r: str, postgres: bool) -> list[str]:
+        exprs = [k[2] if postgres else k[1] for k in self.extra_keys]
+        return [f"{r}.room_id", *(e.format(r=r) for e in exprs)]
+
+    def _values(self, r: str, postgres: bool) -> str:
+        return ", ".join(self._value_list(r, postgres))
+
+    def _where(self, r: str) -> str:
+        return f"{r}.membership = 'join'" + self.extra_filter.format(r=r)
+
+    def _match(self, r: str) -> str:
+        """`WHERE` of an UPDATE of the count row that row `r` counts in (SQLite)."""
+        pairs = zip(self._column_list, self._value_list(r, postgres=False))
+        return " AND ".join(f"{c} = {v}" for c, v in pairs)
+
+    def create_table_sql(self) -> str:
+        keys = "".join(f"{k[0]} TEXT NOT NULL, " for k in self.extra_keys)
+        return f"""
+            CREATE TABLE {self.table} (
+                room_id TEXT NOT NULL, {keys}
+                joined BIGINT NOT NULL,
+                PRIMARY KEY ({self._columns})
+            )
+        """
+
+    def fill_sql(self, postgres: bool) -> str:
+        return f"""
+            INSERT INTO {self.table} ({self._columns}, joined)
+            SELECT {self._values("c", postgres)}, COUNT(*) FROM current_state_events AS c
+            WHERE {self._where("c")}
+            GROUP BY {self._values("c", postgres)}
+        """
+
+    @property
+    def sqlite_trigger_names(self) -> tuple[str, ...]:
+        return tuple(f"{self.prefix}_{n}" for n in ("insert", "delete", "update_old", "update_new"))
+
+    @property
+    def postgres_trigger_names(self) -> tuple[str, ...]:
+        return tuple(f"{self.prefix}_{n}" for n in ("insert", "delete", "update"))
+
+    def sqlite_triggers(self) -> list[str]:
+        add = f"""
+            INSERT INTO {self.table} ({self._columns}, joined)
+            VALUES ({self._values("NEW", postgres=False)}, 1)
+            ON CONFLICT ({self._columns}) DO UPDATE SET joined = joined + 1;
+        """
+        remove = f"UPDATE {self.table} SET joined = joined - 1 WHERE {self._match('OLD')};"
+        insert, delete, update_old, update_new = self.sqlite_trigger_names
+        # An update takes the old row out and puts the new one in (Synapse's
+        # background update that fills the membership column is one).
+        return [
+            f"CREATE TRIGGER {insert} AFTER INSERT ON current_state_events"
+            f" WHEN {self._where('NEW')} BEGIN {add} END",
+            f"CREATE TRIGGER {delete} AFTER DELETE ON current_state_events"
+            f" WHEN {self._where('OLD')} BEGIN {remove} END",
+            f"CREATE TRIGGER {update_old} AFTER UPDATE ON current_state_events"
+            f" WHEN {self._where('OLD')} BEGIN {remove} END",
+            f"CREATE TRIGGER {update_new} AFTER UPDATE ON current_state_events"
+            f" WHEN {self._where('NEW')} BEGIN {add} END",
+        ]
+
+    def _postgres_function(self, name: str, deltas: str) -> str:
+        """A trigger function adding, per key, the sum of `deltas` (a query of
+        key and `d` rows over the statement's transition tables)."""
+        return f"""
+        CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {self.table} AS c ({self._columns}, joined)
+            SELECT {self._columns}, SUM(d) FROM ({deltas}) AS deltas
+            GROUP BY {self._columns} HAVING SUM(d) <> 0
+            ON CONFLICT ({self._columns}) DO UPDATE SET joined = c.joined + EXCLUDED.joined;
+            RETURN NULL;
+        END
+        $$
+        """
+
+    def _postgres_deltas(self, transition: str, d: int) -> str:
+        pairs = zip(self._column_list, self._value_list("t", postgres=True))
+        select = ", ".join(f"{v} AS {c}" for c, v in pairs)
+        return f"SELECT {select}, {d} AS d FROM {transition} AS t WHERE {self._where('t')}"
+
+    def postgres_triggers(self) -> list[str]:
+        insert, delete, update = self.postgres_trigger_names
+        new = self._postgres_deltas("fastjoin_new", 1)
+        old = self._postgres_deltas("fastjoin_old", -1)
+        return [
+            self._postgres_function(insert, new),
+            self._postgres_function(delete, old),
+            self._postgres_function(update, f"{new} UNION ALL {old}"),
+            f"""
+            CREATE TRIGGER {insert}
+            AFTER INSERT ON current_state_events
+            REFERENCING NEW TABLE AS fastjoin_new
+            FOR EACH STATEMENT EXECUTE FUNCTION {insert}()
+            """,
+            f"""
+            CREATE TRIGGER {delete}
+            AFTER DELETE ON current_state_events
+            REFERENCING OLD TABLE AS fastjoin_old
+            FOR EACH STATEMENT EXECUTE FUNCTION {delete}()
+            """,
+            f"""
+            CREATE TRIGGER {update}
+            AFTER UPDATE ON current_state_events
+            REFERENCING OLD TABLE AS fastjoin_old NEW TABLE AS fastjoin_new
+            FOR EACH STATEMENT EXECUTE FUNCTION {update}()
+            """,
+        ]
 
 
-_NEW_JOINS = "SELECT room_id, 1 AS d FROM fastjoin_new WHERE membership = 'join'"
-_OLD_JOINS = "SELECT room_id, -1 AS d FROM fastjoin_old WHERE membership = 'join'"
-
-_POSTGRES_TRIGGERS = [
-    _postgres_function("fastjoin_joined_counts_insert", _NEW_JOINS),
-    _postgres_function("fastjoin_joined_counts_delete", _OLD_JOINS),
-    _postgres_function(
-        "fastjoin_joined_counts_update", f"{_NEW_JOINS} UNION ALL {_OLD_JOINS}"
-    ),
-    """
-    CREATE TRIGGER fastjoin_joined_counts_insert
-    AFTER INSERT ON current_state_events
-    REFERENCING NEW TABLE AS fastjoin_new
-    FOR EACH STATEMENT EXECUTE FUNCTION fastjoin_joined_counts_insert()
-    """,
-    """
-    CREATE TRIGGER fastjoin_joined_counts_delete
-    AFTER DELETE ON current_state_events
-    REFERENCING OLD TABLE AS fastjoin_old
-    FOR EACH STATEMENT EXECUTE FUNCTION fastjoin_joined_counts_delete()
-    """,
-    """
-    CREATE TRIGGER fastjoin_joined_counts_update
-    AFTER UPDATE ON current_state_events
-    REFERENCING OLD TABLE AS fastjoin_old NEW TABLE AS fastjoin_new
-    FOR EACH STATEMENT EXECUTE FUNCTION fastjoin_joined_counts_update()
-    """,
-]
+ROOM_COUNTS = KeptCount(TABLE, "fastjoin_joined_counts", (), "")
+SERVER_COUNTS = KeptCount(
+    SERVER_TABLE,
+    "fastjoin_server_counts",
+    (("server_name", _SQLITE_SERVER, _POSTGRES_SERVER),),
+    " AND {r}.type = 'm.room.member'",
+)
 
 
-def create_joined_counts_txn(txn: LoggingTransaction) -> None:
-    """Schema step: the table, filled from `current_state_events`, and the
-    triggers that keep it (in the caller's transaction)."""
-    txn.execute(_CREATE_TABLE)
+def _create_txn(txn: LoggingTransaction, kept: KeptCount) -> None:
+    txn.execute(kept.create_table_sql())
     postgres = isinstance(txn.database_engine, PostgresEngine)
     if postgres:
         # Writers of current_state_events wait from here to the commit, so the
         # fill below and the triggers see the same rows.
         txn.execute("LOCK TABLE current_state_events IN SHARE ROW EXCLUSIVE MODE")
-    for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
+    for statement in kept.postgres_triggers() if postgres else kept.sqlite_triggers():
         txn.execute(statement)
-    txn.execute(_FILL)
+    txn.execute(kept.fill_sql(postgres))
 
 
-_SQLITE_TRIGGER_NAMES = (
-    "fastjoin_joined_counts_insert",
-    "fastjoin_joined_counts_delete",
-    "fastjoin_joined_counts_update_old",
-    "fastjoin_joined_counts_update_new",
-)
-_POSTGRES_TRIGGER_NAMES = (
-    "fastjoin_joined_counts_insert",
-    "fastjoin_joined_counts_delete",
-    "fastjoin_joined_counts_update",
-)
-
-
-def joined_counts_kept_txn(txn: LoggingTransaction) -> bool:
-    """Whether every trigger that keeps the counts is on `current_state_events`
-    (if one was dropped, the counts may be stale)."""
+def _kept_txn(txn: LoggingTransaction, kept: KeptCount) -> bool:
     if isinstance(txn.database_engine, PostgresEngine):
-        names = _POSTGRES_TRIGGER_NAMES
+        names = kept.postgres_trigger_names
         txn.execute(
             "SELECT tgname FROM pg_trigger WHERE tgrelid = 'current_state_events'::regclass"
             " AND tgenabled <> 'D'"
         )
     else:
-        names = _SQLITE_TRIGGER_NAMES
+        names = kept.sqlite_trigger_names
         txn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'trigger'"
             " AND tbl_name = 'current_state_events'"
@@ -183,17 +223,49 @@ def joined_counts_kept_txn(txn: LoggingTransaction) -> bool:
     return all(name in present for name in names)
 
 
-def restore_joined_counts_txn(txn: LoggingTransaction) -> None:
-    """Create the table and its triggers again from scratch (the caller found a
-    trigger missing): what is left of them is dropped, the counts filled anew."""
+def _restore_txn(txn: LoggingTransaction, kept: KeptCount) -> None:
     postgres = isinstance(txn.database_engine, PostgresEngine)
-    for name in _POSTGRES_TRIGGER_NAMES if postgres else _SQLITE_TRIGGER_NAMES:
+    for name in kept.postgres_trigger_names if postgres else kept.sqlite_trigger_names:
         if postgres:
             txn.execute(f"DROP TRIGGER IF EXISTS {name} ON current_state_events")
         else:
             txn.execute(f"DROP TRIGGER IF EXISTS {name}")
-    txn.execute(f"DROP TABLE IF EXISTS {TABLE}")
-    create_joined_counts_txn(txn)
+    txn.execute(f"DROP TABLE IF EXISTS {kept.table}")
+    _create_txn(txn, kept)
+
+
+def create_joined_counts_txn(txn: LoggingTransaction) -> None:
+    """Schema step: the per-room table, filled from `current_state_events`,
+    and the triggers that keep it (in the caller's transaction)."""
+    _create_txn(txn, ROOM_COUNTS)
+
+
+def create_server_counts_txn(txn: LoggingTransaction) -> None:
+    """Schema step: the per-(room, server) table, filled, and its triggers."""
+    _create_txn(txn, SERVER_COUNTS)
+
+
+def joined_counts_kept_txn(txn: LoggingTransaction) -> bool:
+    """Whether every trigger that keeps the per-room counts is on
+    `current_state_events` (if one was dropped, the counts may be stale)."""
+    return _kept_txn(txn, ROOM_COUNTS)
+
+
+def server_counts_kept_txn(txn: LoggingTransaction) -> bool:
+    """The same for the per-(room, server) counts."""
+    return _kept_txn(txn, SERVER_COUNTS)
+
+
+def restore_joined_counts_txn(txn: LoggingTransaction) -> None:
+    """Create the per-room table and its triggers again from scratch (the
+    caller found a trigger missing): what is left of them is dropped, the
+    counts filled anew."""
+    _restore_txn(txn, ROOM_COUNTS)
+
+
+def restore_server_counts_txn(txn: LoggingTransaction) -> None:
+    """The same for the per-(room, server) counts."""
+    _restore_txn(txn, SERVER_COUNTS)
 
 
 def joined_member_count_txn(txn: LoggingTransaction, room_id: str) -> int:
@@ -202,3 +274,40 @@ def joined_member_count_txn(txn: LoggingTransaction, room_id: str) -> int:
     txn.execute(f"SELECT joined FROM {TABLE} WHERE room_id = ?", (room_id,))
     row = txn.fetchone()
     return int(row[0]) if row else 0
+
+
+def joined_servers_txn(txn: LoggingTransaction, room_id: str) -> dict[str, int]:
+    """Each server with members of `room_id` whose current membership is
+    join, with how many: what counting Synapse's `get_users_in_room` by
+    `get_domain_from_id` gives."""
+    txn.execute(
+        f"SELECT server_name, joined FROM {SERVER_TABLE} WHERE room_id = ? AND joined > 0",
+        (room_id,),
+    )
+    return {str(server): int(joined) for server, joined in txn}
+
+
+def join_fanout_txn(
+    txn: LoggingTransaction, room_id: str, newly_joined: list[str]
+) -> tuple[list[str], dict[str, int], set[str]]:
+    """What the presence handler's fan-out of a join reads, in one snapshot:
+    the local users joined to `room_id` (`local_current_membership`, which
+    Synapse writes for local members with their current-state rows), each
+    server's joined count, and which of `newly_joined` are joined now."""
+    txn.execute(
+        "SELECT user_id FROM local_current_membership WHERE room_id = ? AND membership = 'join'",
+        (room_id,),
+    )
+    local = [str(row[0]) for row in txn]
+    servers = joined_servers_txn(txn, room_id)
+    joined_now: set[str] = set()
+    for start in range(0, len(newly_joined), 500):
+        chunk = newly_joined[start : start + 500]
+        txn.execute(
+            "SELECT state_key FROM current_state_events WHERE room_id = ?"
+            " AND type = 'm.room.member' AND membership = 'join'"
+            f" AND state_key IN ({', '.join('?' for _ in chunk)})",
+            (room_id, *chunk),
+        )
+        joined_now.update(str(row[0]) for row in txn)
+    return local, servers, joined_now

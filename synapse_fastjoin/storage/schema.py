@@ -14,8 +14,11 @@ from synapse.storage.engines import Sqlite3Engine
 
 from synapse_fastjoin.storage.member_counts import (
     create_joined_counts_txn,
+    create_server_counts_txn,
     joined_counts_kept_txn,
     restore_joined_counts_txn,
+    restore_server_counts_txn,
+    server_counts_kept_txn,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,6 +112,9 @@ SCHEMA_STEPS: list[list[str | Callable[[LoggingTransaction], None]]] = [
     # 5: each room's joined-member count, kept by triggers on
     # current_state_events (storage/member_counts.py).
     [create_joined_counts_txn],
+    # 6: each (room, server)'s joined-member count, kept the same way, for the
+    # presence handler's fan-out of a join (handlers/presence.py).
+    [create_server_counts_txn],
 ]
 
 SCHEMA_VERSION = len(SCHEMA_STEPS)
@@ -169,6 +175,12 @@ def prepare_schema_txn(txn: LoggingTransaction) -> int:
             " again and counting every room's members anew"
         )
         restore_joined_counts_txn(txn)
+    if current >= 6 and not server_counts_kept_txn(txn):
+        logger.warning(
+            "A trigger keeping fastjoin_room_server_joined_counts was dropped: creating"
+            " them again and counting every room's members per server anew"
+        )
+        restore_server_counts_txn(txn)
     if row is None:
         txn.execute(
             "INSERT INTO fastjoin_schema_version (version) VALUES (?)", (SCHEMA_VERSION,)

@@ -15,8 +15,10 @@ from synapse.storage.database import LoggingTransaction
 
 from synapse_fastjoin.storage import events, inbound, servers
 from synapse_fastjoin.storage.member_counts import (
+    join_fanout_txn,
     joined_counts_kept_txn,
     joined_member_count_txn,
+    server_counts_kept_txn,
 )
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
 
@@ -90,6 +92,7 @@ class FastJoinStore:
         self._schema_lock = defer.DeferredLock()
         # Whether the joined-member count triggers are there (checked once).
         self._joined_counts_kept: bool | None = None
+        self._server_counts_kept: bool | None = None
 
     async def ensure_schema(self) -> None:
         """Create or upgrade the module's tables, once per process. A failure is
@@ -133,6 +136,29 @@ class FastJoinStore:
             return None
         return await self._interaction(
             "fastjoin_joined_member_count", joined_member_count_txn, room_id
+        )
+
+    async def join_fanout_reads(
+        self, room_id: str, newly_joined: list[str]
+    ) -> tuple[list[str], dict[str, int], set[str]] | None:
+        """The local members of `room_id`, its per-server joined counts and
+        which of `newly_joined` are joined now (`join_fanout_txn`); None if a
+        trigger keeping the per-server counts is missing, as seen once per
+        process."""
+        if self._server_counts_kept is None:
+            self._server_counts_kept = await self._interaction(
+                "fastjoin_server_counts_kept", server_counts_kept_txn
+            )
+            if not self._server_counts_kept:
+                logger.warning(
+                    "fastjoin_room_server_joined_counts is not kept (a trigger is"
+                    " missing): presence reads rooms' member lists until the main"
+                    " process restarts"
+                )
+        if not self._server_counts_kept:
+            return None
+        return await self._interaction(
+            "fastjoin_join_fanout", join_fanout_txn, room_id, newly_joined
         )
 
     # Lifecycle, written by the hooks of the patch series.

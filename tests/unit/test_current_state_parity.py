@@ -20,7 +20,8 @@ rows each cache got and the keys they name. The stream positions, the stream
 caches and what the state caches answer afterwards must be the same.
 
 Both servers have the module's tables, so the joined-member counts its
-triggers keep (storage/member_counts.py) are compared too, and must equal
+triggers keep (storage/member_counts.py, per room and per server) are
+compared too, and must equal
 Synapse's `COUNT(*)` before and after.
 """
 
@@ -52,6 +53,7 @@ EXPECTED_TABLES = {
     "current_state_delta_stream",
     "current_state_events",
     "fastjoin_room_joined_counts",
+    "fastjoin_room_server_joined_counts",
     "local_current_membership",
     "sliding_sync_joined_rooms",
     "sliding_sync_membership_snapshots",

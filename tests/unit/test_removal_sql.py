@@ -8,7 +8,12 @@ from pathlib import Path
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import PostgresEngine
 
-from synapse_fastjoin.storage.member_counts import TABLE, create_joined_counts_txn
+from synapse_fastjoin.storage.member_counts import (
+    SERVER_TABLE,
+    TABLE,
+    create_joined_counts_txn,
+    create_server_counts_txn,
+)
 from tests.unit.test_storage import Database, database  # noqa: F401 (fixture)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -44,6 +49,7 @@ def _triggers(db: Database, postgres: bool) -> list[str]:
 def test_the_readme_removal_sql_leaves_synapse_writable(database: Database) -> None:  # noqa: F811
     postgres = isinstance(database.engine, PostgresEngine)
     database.run_sync("create", create_joined_counts_txn)
+    database.run_sync("create_servers", create_server_counts_txn)
     assert _triggers(database, postgres)
 
     def remove(txn: LoggingTransaction) -> None:
@@ -56,14 +62,15 @@ def test_the_readme_removal_sql_leaves_synapse_writable(database: Database) -> N
         assert database.execute(
             "SELECT proname FROM pg_proc WHERE proname IN"
             " ('fastjoin_joined_counts_insert', 'fastjoin_joined_counts_delete',"
-            " 'fastjoin_joined_counts_update')"
+            " 'fastjoin_joined_counts_update', 'fastjoin_server_counts_insert',"
+            " 'fastjoin_server_counts_delete', 'fastjoin_server_counts_update')"
         ) == []
-    assert TABLE not in {
+    assert {TABLE, SERVER_TABLE}.isdisjoint(
         r[0]
         for r in database.execute(
             "SELECT tablename FROM pg_tables" if postgres else "SELECT name FROM sqlite_master WHERE type = 'table'"
         )
-    }
+    )
     # Synapse's writes of the current state go through.
     database.execute(
         "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership)"
