@@ -35,7 +35,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 13
+HOOKS_API_VERSION = 14
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -154,6 +154,7 @@ class FastJoinModule:
             make_join_state_ids=self.make_join_state.state_ids,
             state_delta_memberships=self.state_delta_memberships.memberships,
             presence_join_fanout=self.join_fanout.prev_members,
+            current_hosts_in_room=self.store.current_hosts_in_room,
             on_inbound_event_staged=(
                 self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
             ),

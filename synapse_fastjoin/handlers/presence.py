@@ -31,7 +31,8 @@ over the full memberships decides again.
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Collection
+from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from synapse.types import get_domain_from_id
 

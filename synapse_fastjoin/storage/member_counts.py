@@ -125,15 +125,17 @@ class KeptCount:
         insert, delete, update_old, update_new = self.sqlite_trigger_names
         # An update takes the old row out and puts the new one in (Synapse's
         # background update that fills the membership column is one).
+        def trigger(name: str, when: str, row: str, body: str) -> str:
+            return (
+                f"CREATE TRIGGER {name} AFTER {when} ON current_state_events"
+                f" WHEN {self._where(row)} BEGIN {body} END"
+            )
+
         return [
-            f"CREATE TRIGGER {insert} AFTER INSERT ON current_state_events"
-            f" WHEN {self._where('NEW')} BEGIN {add} END",
-            f"CREATE TRIGGER {delete} AFTER DELETE ON current_state_events"
-            f" WHEN {self._where('OLD')} BEGIN {remove} END",
-            f"CREATE TRIGGER {update_old} AFTER UPDATE ON current_state_events"
-            f" WHEN {self._where('OLD')} BEGIN {remove} END",
-            f"CREATE TRIGGER {update_new} AFTER UPDATE ON current_state_events"
-            f" WHEN {self._where('NEW')} BEGIN {add} END",
+            trigger(insert, "INSERT", "NEW", add),
+            trigger(delete, "DELETE", "OLD", remove),
+            trigger(update_old, "UPDATE", "OLD", remove),
+            trigger(update_new, "UPDATE", "NEW", add),
         ]
 
     def _postgres_function(self, name: str, deltas: str) -> str:

@@ -6,18 +6,19 @@ partial-state tables (`partial_state_rooms`, `partial_state_rooms_servers`,
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, TypeVar
-
-from twisted.internet import defer
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
+from twisted.internet import defer
 
 from synapse_fastjoin.storage import events, inbound, servers
 from synapse_fastjoin.storage.member_counts import (
     join_fanout_txn,
     joined_counts_kept_txn,
     joined_member_count_txn,
+    joined_servers_txn,
     server_counts_kept_txn,
 )
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
@@ -138,13 +139,9 @@ class FastJoinStore:
             "fastjoin_joined_member_count", joined_member_count_txn, room_id
         )
 
-    async def join_fanout_reads(
-        self, room_id: str, newly_joined: list[str]
-    ) -> tuple[list[str], dict[str, int], set[str]] | None:
-        """The local members of `room_id`, its per-server joined counts and
-        which of `newly_joined` are joined now (`join_fanout_txn`); None if a
-        trigger keeping the per-server counts is missing, as seen once per
-        process."""
+    async def _server_counts_are_kept(self) -> bool:
+        """Whether every trigger keeping the per-server counts is there (seen
+        once per process)."""
         if self._server_counts_kept is None:
             self._server_counts_kept = await self._interaction(
                 "fastjoin_server_counts_kept", server_counts_kept_txn
@@ -152,14 +149,33 @@ class FastJoinStore:
             if not self._server_counts_kept:
                 logger.warning(
                     "fastjoin_room_server_joined_counts is not kept (a trigger is"
-                    " missing): presence reads rooms' member lists until the main"
-                    " process restarts"
+                    " missing): Synapse reads rooms' member lists for their servers"
+                    " until the main process restarts"
                 )
-        if not self._server_counts_kept:
+        return self._server_counts_kept
+
+    async def join_fanout_reads(
+        self, room_id: str, newly_joined: list[str]
+    ) -> tuple[list[str], dict[str, int], set[str]] | None:
+        """The local members of `room_id`, its per-server joined counts and
+        which of `newly_joined` are joined now (`join_fanout_txn`); None if a
+        trigger keeping the per-server counts is missing."""
+        if not await self._server_counts_are_kept():
             return None
         return await self._interaction(
             "fastjoin_join_fanout", join_fanout_txn, room_id, newly_joined
         )
+
+    async def current_hosts_in_room(self, room_id: str) -> set[str] | None:
+        """The servers with a member joined to `room_id`, from the per-server
+        counts (patch 0031, Synapse's `get_current_hosts_in_room`); None if a
+        trigger keeping them is missing."""
+        if not await self._server_counts_are_kept():
+            return None
+        servers = await self._interaction(
+            "fastjoin_current_hosts_in_room", joined_servers_txn, room_id
+        )
+        return set(servers)
 
     # Lifecycle, written by the hooks of the patch series.
 

@@ -1,8 +1,9 @@
 # Copyright (C) 2026 The synapse-fastjoin authors
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""The presence handler's fan-out of a join (patch 0030) gets from the module
-exactly what Synapse computes from the room's member list, on SQLite and
-PostgreSQL (`--db`).
+"""The presence handler's fan-out of a join (patch 0030) and
+`get_current_hosts_in_room` (patch 0031) get from the module exactly what
+Synapse computes from the room's member list, on SQLite and PostgreSQL
+(`--db`).
 
 A real in-process HomeServer persists rooms (versions 10 and 12) through
 Synapse's own event persistence, with local members (the homeserver's own
@@ -13,7 +14,9 @@ per-server counts), some after (the triggers keep them), then the membership
 column rewritten in place and a room purged. After each step:
 
 - the per-server counts (`fastjoin_room_server_joined_counts`) equal
-  Synapse's `get_users_in_room` counted by `get_domain_from_id`;
+  Synapse's `get_users_in_room` counted by `get_domain_from_id`, and the
+  module's servers of the room equal Synapse's `get_current_hosts_in_room`
+  (its own PostgreSQL query, or the member list on SQLite);
 - for many sets of "newly joined" users (none; one of a server with others;
   the only member of a server; every member of a server; a local user; a user
   who joined and has left since; a user never in the room; mixtures), the
@@ -24,8 +27,10 @@ column rewritten in place and a room purged. After each step:
 Then through the patch's hook: a real join's state deltas handed to
 Synapse's `PresenceHandler._handle_state_delta`, once with no callback
 registered and once with the module's, make the same presence sends (same
-destinations, same users' states). A dropped trigger makes the module leave
-the answer to Synapse until the main process restores the triggers.
+destinations, same users' states); and `get_current_hosts_in_room`, asked of
+the module, follows the next membership changes. A dropped trigger makes the
+module leave both answers to Synapse until the main process restores the
+triggers.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.storage.engines import PostgresEngine
 from synapse.types import get_domain_from_id
@@ -94,7 +98,7 @@ def _newly_joined_sets(users: dict[str, list[str]]) -> list[set[str]]:
         {users["gone"][0]},  # joined, then left
         {users["gone"][3]},  # a local user who left
         {f"@nobody:{REMOTE}"},
-        {f"@nobody:elsewhere.example"},
+        {"@nobody:elsewhere.example"},
         set(users["other"]) | set(users["single"]) | {users["local"][1], users["gone"][1]},
         set(users["remote"]) | set(users["other"]) | set(users["single"]) | set(users["local"]),
     ]
@@ -112,13 +116,21 @@ def _stock(users: list[str], newly_joined: set[str]) -> tuple[set[str], set[str]
 
 
 async def _assert_fanout_equal(
-    hs: SynapseHomeServer, fanout: JoinFanout, room_id: str, newly_sets: list[set[str]]
+    hs: SynapseHomeServer, fastjoin: FastJoinStore, room_id: str, newly_sets: list[set[str]]
 ) -> None:
+    fanout = JoinFanout(hs, fastjoin)
     store = hs.get_datastores().main
     store.get_users_in_room.invalidate((room_id,))
     users = list(await store.get_users_in_room(room_id))
     kept = await store.db_pool.runInteraction("kept_servers", joined_servers_txn, room_id)
     assert kept == dict(Counter(get_domain_from_id(u) for u in users)), room_id
+    # Synapse's own `get_current_hosts_in_room` (its PostgreSQL query, or the
+    # member list on SQLite; no callback registered yet, or it answers None)
+    # and the module's answer for it (patch 0031).
+    store.get_current_hosts_in_room.invalidate((room_id,))
+    store.get_users_in_room.invalidate((room_id,))
+    synapse_hosts = await store.get_current_hosts_in_room(room_id)
+    assert await fastjoin.current_hosts_in_room(room_id) == set(synapse_hosts), room_id
     for newly in newly_sets:
         answer = await fanout.prev_members(room_id, newly)
         assert answer is not None
@@ -153,7 +165,7 @@ async def test_fanout_equals_synapse_member_list(homeserver: SynapseHomeServer) 
     fastjoin = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=True)
     fanout = JoinFanout(hs, fastjoin)
     for key in ("10-before", "12-before"):
-        await _assert_fanout_equal(hs, fanout, rooms[key].room_id, _newly_joined_sets(roles[key]))
+        await _assert_fanout_equal(hs, fastjoin, rooms[key].room_id, _newly_joined_sets(roles[key]))
 
     # Event by event after the schema step: the triggers keep the counts.
     for key, room in rooms.items():
@@ -162,7 +174,7 @@ async def test_fanout_equals_synapse_member_list(homeserver: SynapseHomeServer) 
         for raw in list(room.pending):
             room.pending = [raw]
             await _persist(hs, room)
-        await _assert_fanout_equal(hs, fanout, room.room_id, _newly_joined_sets(roles[key]))
+        await _assert_fanout_equal(hs, fastjoin, room.room_id, _newly_joined_sets(roles[key]))
 
     # A batch too big for the module: left to Synapse.
     target = rooms["12-after"].room_id
@@ -184,7 +196,7 @@ async def test_fanout_equals_synapse_member_list(homeserver: SynapseHomeServer) 
     await store.db_pool.runInteraction("null_membership", rewrite, None)
     assert await store.db_pool.runInteraction("kept_servers", joined_servers_txn, target) == {}
     await store.db_pool.runInteraction("fill_membership", rewrite, "fill")
-    await _assert_fanout_equal(hs, fanout, target, _newly_joined_sets(roles["12-after"]))
+    await _assert_fanout_equal(hs, fastjoin, target, _newly_joined_sets(roles["12-after"]))
 
     for key in ("10-purged", "12-purged"):
         await store.purge_room(rooms[key].room_id)
@@ -254,6 +266,26 @@ async def test_fanout_equals_synapse_member_list(homeserver: SynapseHomeServer) 
         )
     assert seen_new_server, "a new server was never sent the local member's presence"
 
+    # Synapse's `get_current_hosts_in_room` through the hook (patch 0031):
+    # the module answers, and a membership change invalidates the answer.
+    asked: list[str] = []
+
+    async def hosts(room_id: str) -> Any:
+        asked.append(room_id)
+        return await fastjoin.current_hosts_in_room(room_id)
+
+    hs.get_module_api().register_fastjoin_callbacks(current_hosts_in_room=hosts)  # type: ignore[attr-defined]
+    store.get_current_hosts_in_room.invalidate((room.room_id,))
+    before_hosts = await store.get_current_hosts_in_room(room.room_id)
+    assert asked == [room.room_id] and "late.example" in before_hosts
+    for user in ("@first:late.example", "@second:late.example"):
+        room.member(user, "leave")
+    room.member("@fifth:newest.example", "join")
+    await _persist(hs, room)
+    after_hosts = await store.get_current_hosts_in_room(room.room_id)
+    assert len(asked) == 2
+    assert set(after_hosts) == (set(before_hosts) - {"late.example"}) | {"newest.example"}
+
     # A trigger dropped: the module leaves the answer to Synapse.
     def drop_trigger(txn: Any) -> None:
         if isinstance(txn.database_engine, PostgresEngine):
@@ -262,9 +294,10 @@ async def test_fanout_equals_synapse_member_list(homeserver: SynapseHomeServer) 
             txn.execute("DROP TRIGGER fastjoin_server_counts_delete")
 
     await store.db_pool.runInteraction("drop_trigger", drop_trigger)
-    worker = JoinFanout(hs, FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=False))
-    assert await worker.prev_members(target, {f"@x:{REMOTE}"}) is None
+    worker_store = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=False)
+    assert await JoinFanout(hs, worker_store).prev_members(target, {f"@x:{REMOTE}"}) is None
+    assert await worker_store.current_hosts_in_room(target) is None
     await store.db_pool.runInteraction("fastjoin_prepare_schema", prepare_schema_txn)
-    again = JoinFanout(hs, FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=True))
+    again = FastJoinStore(hs.get_module_api().run_db_interaction, may_migrate=True)
     await _assert_fanout_equal(hs, again, target, _newly_joined_sets(roles["12-after"]))
 
