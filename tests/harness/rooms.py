@@ -115,3 +115,17 @@ async def persist(hs: SynapseHomeServer, room: Room) -> None:
     if outliers:
         await persistence.persist_events(outliers)
     room.pending = []
+
+
+def rewrite_membership_txn(txn: Any, room_id: str, fill: bool) -> None:
+    """Rewrite the room's `current_state_events.membership` column in place,
+    as Synapse's background update `current_state_events_membership` does: to
+    NULL, or filled again from `room_memberships`."""
+    if not fill:
+        txn.execute("UPDATE current_state_events SET membership = NULL WHERE room_id = ?", (room_id,))
+    else:
+        txn.execute(
+            "UPDATE current_state_events SET membership = (SELECT membership FROM room_memberships"
+            " WHERE room_memberships.event_id = current_state_events.event_id) WHERE room_id = ?",
+            (room_id,),
+        )

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.storage.engines import PostgresEngine
 
@@ -34,7 +33,7 @@ from synapse_fastjoin.storage.member_counts import joined_member_count_txn
 from synapse_fastjoin.storage.schema import prepare_schema_txn
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness.inprocess import homeserver_on_fresh_database
-from tests.harness.rooms import CREATOR, REMOTE, Room
+from tests.harness.rooms import CREATOR, REMOTE, Room, rewrite_membership_txn
 from tests.harness.rooms import persist as _persist
 
 SERVER = "counts.test"
@@ -119,20 +118,9 @@ async def test_kept_counts_equal_synapse_count(homeserver: SynapseHomeServer) ->
     # `current_state_events_membership` is such an UPDATE): set to NULL, then
     # filled again.
     target = rooms["12-after"].room_id
-
-    def rewrite(txn: Any, value: str | None) -> None:
-        if value is None:
-            txn.execute("UPDATE current_state_events SET membership = NULL WHERE room_id = ?", (target,))
-        else:
-            txn.execute(
-                "UPDATE current_state_events SET membership = (SELECT membership FROM room_memberships"
-                " WHERE room_memberships.event_id = current_state_events.event_id) WHERE room_id = ?",
-                (target,),
-            )
-
-    await store.db_pool.runInteraction("null_membership", rewrite, None)
+    await store.db_pool.runInteraction("null_membership", rewrite_membership_txn, target, False)
     assert (await _assert_counts_equal(hs, [target]))[target] == 0
-    await store.db_pool.runInteraction("fill_membership", rewrite, "fill")
+    await store.db_pool.runInteraction("fill_membership", rewrite_membership_txn, target, True)
     assert (await _assert_counts_equal(hs, [target]))[target] == counts[target]
 
     # A purged room: no current state, no count.

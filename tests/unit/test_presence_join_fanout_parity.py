@@ -50,7 +50,7 @@ from synapse_fastjoin.storage.member_counts import joined_servers_txn
 from synapse_fastjoin.storage.schema import prepare_schema_txn
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness.inprocess import homeserver_on_fresh_database
-from tests.harness.rooms import CREATOR, REMOTE, Room
+from tests.harness.rooms import CREATOR, REMOTE, Room, rewrite_membership_txn
 from tests.harness.rooms import persist as _persist
 
 SERVER = "fanout.test"
@@ -183,19 +183,9 @@ async def test_fanout_equals_synapse_member_list(homeserver: SynapseHomeServer) 
 
     # The membership column rewritten in place (an UPDATE, as Synapse's
     # background update does): to NULL, then filled again.
-    def rewrite(txn: Any, value: str | None) -> None:
-        if value is None:
-            txn.execute("UPDATE current_state_events SET membership = NULL WHERE room_id = ?", (target,))
-        else:
-            txn.execute(
-                "UPDATE current_state_events SET membership = (SELECT membership FROM room_memberships"
-                " WHERE room_memberships.event_id = current_state_events.event_id) WHERE room_id = ?",
-                (target,),
-            )
-
-    await store.db_pool.runInteraction("null_membership", rewrite, None)
+    await store.db_pool.runInteraction("null_membership", rewrite_membership_txn, target, False)
     assert await store.db_pool.runInteraction("kept_servers", joined_servers_txn, target) == {}
-    await store.db_pool.runInteraction("fill_membership", rewrite, "fill")
+    await store.db_pool.runInteraction("fill_membership", rewrite_membership_txn, target, True)
     await _assert_fanout_equal(hs, fastjoin, target, _newly_joined_sets(roles["12-after"]))
 
     for key in ("10-purged", "12-purged"):
