@@ -227,7 +227,7 @@ async def test_fanout_equals_synapse_member_list(homeserver: SynapseHomeServer) 
         sends.clear()
         answering[0] = module
         await presence._handle_state_delta(room.room_id, deltas)
-        return sorted(sends, key=repr)
+        return sorted(sends, key=lambda send: (sorted(send[0]), send[1]))
 
     # Each join, and whether Synapse sends anything for it.
     joins = [
