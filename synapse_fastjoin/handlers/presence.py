@@ -104,7 +104,7 @@ class PartialStatePresence:
 
 
 class JoinFanout:
-    """Who was in a room before a join, for the presence handler (patch 0029).
+    """Who was in a room before a join, for the presence handler (patch 0030).
 
     For every batch of a room's state deltas that makes someone joined,
     Synapse's `PresenceHandler._handle_state_delta` reads the room's whole

@@ -150,7 +150,8 @@ class FastJoinStore:
                 logger.warning(
                     "fastjoin_room_server_joined_counts is not kept (a trigger is"
                     " missing): Synapse reads rooms' member lists for their servers"
-                    " until the main process restarts"
+                    " until this process restarts (the main process restores the"
+                    " triggers when it starts)"
                 )
         return self._server_counts_kept
 
