@@ -20,8 +20,9 @@ they are, so the count is read back exactly when Synapse would have counted.
 `fastjoin_room_server_joined_counts` (schema version 6) holds the same count
 per room and server (the user id's part after its first colon, Synapse's
 `get_domain_from_id`), for the presence handler's fan-out of a join (patch
-0029: which servers were already in the room, without reading the room's whole
-member list for every join; `handlers/presence.py`).
+0030: which servers were already in the room, without reading the room's whole
+member list for every join; `handlers/presence.py`) and for the servers of a
+room (patch 0031, `get_current_hosts_in_room`).
 
 - SQLite: row triggers (`WHEN` the row is or was a join).
 - PostgreSQL: statement triggers with transition tables, one upsert per
