@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from synapse.api.constants import EventTypes, Membership
 from synapse.storage.controllers.persist_events import DeltaState
 from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import PostgresEngine
 from synapse.storage.databases.main.events import PersistEventsStore, SlidingSyncTableChanges
 from synapse.types import UserID
 from synapse.util.iterutils import batch_iter
@@ -184,11 +185,27 @@ def update_current_state_chunk_txn(
 
     # current_state_events: the chunk's keys deleted, its new events inserted
     # with their membership and stream ordering.
-    # (One statement a key: SQLite searches a row-value IN list by room only.)
-    txn.execute_batch(
-        "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
-        [(room_id, etype, state_key) for etype, state_key in keys],
-    )
+    if isinstance(txn.database_engine, PostgresEngine):
+        # One statement for many keys: the module's statement triggers on
+        # current_state_events (storage/member_counts.py) run once per
+        # statement, deleting a row or not; one DELETE a key ran them 100
+        # times a chunk (about 1 ms a key at 50,000 members).
+        for part in batch_iter(keys, _ROWS_PER_STATEMENT):
+            values = ", ".join("(?, ?)" for _ in part)
+            txn.execute(
+                f"""
+                DELETE FROM current_state_events AS c
+                USING (VALUES {values}) AS d (type, state_key)
+                WHERE c.room_id = ? AND c.type = d.type AND c.state_key = d.state_key
+                """,
+                [*itertools.chain.from_iterable(part), room_id],
+            )
+    else:
+        # One statement a key: SQLite searches a row-value IN list by room only.
+        txn.execute_batch(
+            "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
+            [(room_id, etype, state_key) for etype, state_key in keys],
+        )
     inserted = [(key, to_insert[key]) for key in keys if key in to_insert]
     for part in batch_iter(inserted, _ROWS_PER_STATEMENT):
         values = ", ".join("(?, ?, ?)" for _ in part)
