@@ -37,7 +37,7 @@ write falls between the fill and the triggers). `TRUNCATE` of
 `current_state_events` would bypass them; neither Synapse nor the module
 truncates it. Should a trigger be dropped, the main process restores them all
 and fills the table again at its next start, and until then no process answers
-from the table (`joined_counts_kept_txn`): Synapse counts.
+from the table (`counts_kept_txn`): Synapse counts.
 """
 
 from dataclasses import dataclass
@@ -209,7 +209,9 @@ def _create_txn(txn: LoggingTransaction, kept: KeptCount) -> None:
     txn.execute(kept.fill_sql(postgres))
 
 
-def _kept_txn(txn: LoggingTransaction, kept: KeptCount) -> bool:
+def counts_kept_txn(txn: LoggingTransaction, kept: KeptCount) -> bool:
+    """Whether every trigger that keeps `kept` is on `current_state_events`
+    (if one was dropped, the counts may be stale)."""
     if isinstance(txn.database_engine, PostgresEngine):
         names = kept.postgres_trigger_names
         txn.execute(
@@ -226,7 +228,10 @@ def _kept_txn(txn: LoggingTransaction, kept: KeptCount) -> bool:
     return all(name in present for name in names)
 
 
-def _restore_txn(txn: LoggingTransaction, kept: KeptCount) -> None:
+def restore_counts_txn(txn: LoggingTransaction, kept: KeptCount) -> None:
+    """Create `kept`'s table and triggers again from scratch (the caller found
+    a trigger missing): what is left of them is dropped, the counts filled
+    anew."""
     postgres = isinstance(txn.database_engine, PostgresEngine)
     for name in kept.postgres_trigger_names if postgres else kept.sqlite_trigger_names:
         if postgres:
@@ -246,29 +251,6 @@ def create_joined_counts_txn(txn: LoggingTransaction) -> None:
 def create_server_counts_txn(txn: LoggingTransaction) -> None:
     """Schema step: the per-(room, server) table, filled, and its triggers."""
     _create_txn(txn, SERVER_COUNTS)
-
-
-def joined_counts_kept_txn(txn: LoggingTransaction) -> bool:
-    """Whether every trigger that keeps the per-room counts is on
-    `current_state_events` (if one was dropped, the counts may be stale)."""
-    return _kept_txn(txn, ROOM_COUNTS)
-
-
-def server_counts_kept_txn(txn: LoggingTransaction) -> bool:
-    """The same for the per-(room, server) counts."""
-    return _kept_txn(txn, SERVER_COUNTS)
-
-
-def restore_joined_counts_txn(txn: LoggingTransaction) -> None:
-    """Create the per-room table and its triggers again from scratch (the
-    caller found a trigger missing): what is left of them is dropped, the
-    counts filled anew."""
-    _restore_txn(txn, ROOM_COUNTS)
-
-
-def restore_server_counts_txn(txn: LoggingTransaction) -> None:
-    """The same for the per-(room, server) counts."""
-    _restore_txn(txn, SERVER_COUNTS)
 
 
 def joined_member_count_txn(txn: LoggingTransaction, room_id: str) -> int:

@@ -13,12 +13,12 @@ from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import Sqlite3Engine
 
 from synapse_fastjoin.storage.member_counts import (
+    ROOM_COUNTS,
+    SERVER_COUNTS,
+    counts_kept_txn,
     create_joined_counts_txn,
     create_server_counts_txn,
-    joined_counts_kept_txn,
-    restore_joined_counts_txn,
-    restore_server_counts_txn,
-    server_counts_kept_txn,
+    restore_counts_txn,
 )
 
 logger = logging.getLogger(__name__)
@@ -169,18 +169,16 @@ def prepare_schema_txn(txn: LoggingTransaction) -> int:
                 statement(txn)
             else:
                 txn.execute(statement)
-    if current >= 5 and not joined_counts_kept_txn(txn):
-        logger.warning(
-            "A trigger keeping fastjoin_room_joined_counts was dropped: creating them"
-            " again and counting every room's members anew"
-        )
-        restore_joined_counts_txn(txn)
-    if current >= 6 and not server_counts_kept_txn(txn):
-        logger.warning(
-            "A trigger keeping fastjoin_room_server_joined_counts was dropped: creating"
-            " them again and counting every room's members per server anew"
-        )
-        restore_server_counts_txn(txn)
+    # Counts kept by triggers, by the schema version that created them: a
+    # dropped trigger means stale counts, so they are made again.
+    for since, kept in ((5, ROOM_COUNTS), (6, SERVER_COUNTS)):
+        if current >= since and not counts_kept_txn(txn, kept):
+            logger.warning(
+                "A trigger keeping %s was dropped: creating them again and counting"
+                " anew",
+                kept.table,
+            )
+            restore_counts_txn(txn, kept)
     if row is None:
         txn.execute(
             "INSERT INTO fastjoin_schema_version (version) VALUES (?)", (SCHEMA_VERSION,)

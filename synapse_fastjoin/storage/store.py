@@ -15,11 +15,13 @@ from twisted.internet import defer
 
 from synapse_fastjoin.storage import events, inbound, servers
 from synapse_fastjoin.storage.member_counts import (
+    ROOM_COUNTS,
+    SERVER_COUNTS,
+    KeptCount,
+    counts_kept_txn,
     join_fanout_txn,
-    joined_counts_kept_txn,
     joined_member_count_txn,
     joined_servers_txn,
-    server_counts_kept_txn,
 )
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
 
@@ -91,9 +93,9 @@ class FastJoinStore:
         self._may_migrate = may_migrate
         self._schema_ready = False
         self._schema_lock = defer.DeferredLock()
-        # Whether the joined-member count triggers are there (checked once).
-        self._joined_counts_kept: bool | None = None
-        self._server_counts_kept: bool | None = None
+        # Whether the triggers of each kept count are there, by table
+        # (checked once per process).
+        self._counts_kept: dict[str, bool] = {}
 
     async def ensure_schema(self) -> None:
         """Create or upgrade the module's tables, once per process. A failure is
@@ -119,41 +121,37 @@ class FastJoinStore:
         await self.ensure_schema()
         return await self._run(desc, func, *args)
 
+    async def _are_kept(self, kept: KeptCount, otherwise: str) -> bool:
+        """Whether every trigger keeping `kept` is there (seen once per
+        process; a warning says what Synapse does `otherwise`)."""
+        if kept.table not in self._counts_kept:
+            self._counts_kept[kept.table] = await self._interaction(
+                "fastjoin_counts_kept", counts_kept_txn, kept
+            )
+            if not self._counts_kept[kept.table]:
+                logger.warning(
+                    "%s is not kept (a trigger is missing): %s until this process"
+                    " restarts (the main process restores the triggers when it starts)",
+                    kept.table,
+                    otherwise,
+                )
+        return self._counts_kept[kept.table]
+
     async def joined_member_count(self, room_id: str) -> int | None:
         """The room's joined members in its current state, from the count the
         database keeps (storage/member_counts.py), for Synapse's
         `get_number_joined_users_in_room` (patch 0022); None (Synapse counts)
-        if a trigger that keeps it is missing, as seen once per process."""
-        if self._joined_counts_kept is None:
-            self._joined_counts_kept = await self._interaction(
-                "fastjoin_joined_counts_kept", joined_counts_kept_txn
-            )
-            if not self._joined_counts_kept:
-                logger.warning(
-                    "fastjoin_room_joined_counts is not kept (a trigger is missing):"
-                    " Synapse counts rooms' members until the main process restarts"
-                )
-        if not self._joined_counts_kept:
+        if a trigger that keeps it is missing."""
+        if not await self._are_kept(ROOM_COUNTS, "Synapse counts rooms' members"):
             return None
         return await self._interaction(
             "fastjoin_joined_member_count", joined_member_count_txn, room_id
         )
 
     async def _server_counts_are_kept(self) -> bool:
-        """Whether every trigger keeping the per-server counts is there (seen
-        once per process)."""
-        if self._server_counts_kept is None:
-            self._server_counts_kept = await self._interaction(
-                "fastjoin_server_counts_kept", server_counts_kept_txn
-            )
-            if not self._server_counts_kept:
-                logger.warning(
-                    "fastjoin_room_server_joined_counts is not kept (a trigger is"
-                    " missing): Synapse reads rooms' member lists for their servers"
-                    " until this process restarts (the main process restores the"
-                    " triggers when it starts)"
-                )
-        return self._server_counts_kept
+        return await self._are_kept(
+            SERVER_COUNTS, "Synapse reads rooms' member lists for their servers"
+        )
 
     async def join_fanout_reads(
         self, room_id: str, newly_joined: list[str]
