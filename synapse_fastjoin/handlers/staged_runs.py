@@ -33,8 +33,8 @@ before any of them is persisted:
   auth event stored (so `_check_event_auth` asks no other server; before
   that, the auth chains Synapse's `_check_event_auth` would fetch for the
   run's events, such as their senders' memberships in a partial-state room,
-  are fetched for several events at once, as Synapse fetches them), is not
-  referenced as a prev event by a stored event (which would change the
+  are fetched for several events at once, as Synapse fetches them, and
+  stored together), is not referenced as a prev event by a stored event (which would change the
   extremities), and does not relate (`m.relates_to`) to an event of the run;
 - the spam checker's `should_drop_federated_event` keeps every event after
   the first (Synapse asked for the first);
@@ -68,10 +68,16 @@ Synapse's path and through runs into two databases and compares the rows.
 """
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from synapse.api.constants import EventTypes
-from synapse.api.errors import AuthError, PartialStateConflictError, SynapseError
+from synapse.api.errors import (
+    AuthError,
+    PartialStateConflictError,
+    RequestSendFailed,
+    SynapseError,
+)
 from synapse.events import EventBase, make_event_from_dict, relation_from_event
 from synapse.events.snapshot import EventContext, UnpersistedEventContext
 from synapse.federation.federation_server import pdu_process_time
@@ -96,6 +102,31 @@ _AUTH_FETCH_CONCURRENCY = 10
 
 class _ExtremitiesMoved(Exception):
     """The room's forward extremities changed while a run was checked."""
+
+
+class _Phases:
+    """Seconds a run spent in each of its phases, for its log line."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+        self._nested: dict[str, float] = {}
+
+    def done(self, name: str, started: float, within: str | None = None) -> float:
+        """Record `name` as having run from `started` until now (inside the
+        phase `within`, whose own figure leaves it out); returns now."""
+        now = time.monotonic()
+        self._seconds[name] = self._seconds.get(name, 0.0) + now - started
+        if within is not None:
+            self._nested[within] = self._nested.get(within, 0.0) + now - started
+        return now
+
+    def total(self) -> float:
+        return sum(self._seconds.values()) - sum(self._nested.values())
+
+    def __str__(self) -> str:
+        return ", ".join(
+            f"{name} {seconds - self._nested.get(name, 0.0):.2f}" for name, seconds in self._seconds.items()
+        )
 
 
 class StagedRunStats:
@@ -130,6 +161,7 @@ class StagedRuns:
         self._state_handler = hs.get_state_handler()
         self._state_deletion = hs.get_datastores().state_deletion
         self._federation_event_handler = hs.get_federation_event_handler()
+        self._federation_client = hs.get_federation_client()
         self._event_auth_handler = hs.get_event_auth_handler()
         self._spam_checker = hs.get_module_api_callbacks().spam_checker
         self._push_evaluator = hs.get_bulk_push_rule_evaluator()
@@ -172,6 +204,8 @@ class StagedRuns:
 
     async def _process_run(self, origin: str, event: EventBase, room_version: Any) -> bool:
         room_id = event.room_id
+        phases = _Phases()
+        started = time.monotonic()
         staged = await self._store.next_staged_events(room_id, self._run_length)
         if len(staged) < _MIN_RUN or (staged[0][0], staged[0][1]) != (origin, event.event_id):
             return False
@@ -188,19 +222,25 @@ class StagedRuns:
                 )
             )
         extremities = await self._main.get_latest_event_ids_in_room(room_id)
-        run = await self._chain(room_id, extremities, candidates)
+        run = await self._chain(room_id, extremities, candidates, phases)
+        started = phases.done("chain", started)
         if len(run) < _MIN_RUN:
             logger.debug("No run from %s in %s: a chain of %d", event.event_id, room_id, len(run))
             return False
         if not await self._event_auth_handler.is_host_in_room(room_id, self._server_name):
             return False
         checked = await self._authorised(run)
+        phases.done("checks", started)
         if not checked:
             return False
-        return await self._persist(room_id, extremities, checked)
+        return await self._persist(room_id, extremities, checked, phases)
 
     async def _chain(
-        self, room_id: str, extremities: frozenset[str], candidates: list[tuple[str, EventBase]]
+        self,
+        room_id: str,
+        extremities: frozenset[str],
+        candidates: list[tuple[str, EventBase]],
+        phases: "_Phases",
     ) -> list[tuple[str, EventBase]]:
         """The longest prefix of `candidates` that is a run (module docstring),
         apart from the auth checks."""
@@ -242,21 +282,34 @@ class StagedRuns:
         if not auth_ids <= have_auth:
             # What Synapse's `_check_event_auth` would fetch for each event
             # (its sender's membership, say, in a partial-state room).
-            await self._fetch_missing_auth_events(run, have_auth)
+            await self._fetch_missing_auth_events(run, have_auth, phases)
             have_auth = await self._main.have_seen_events(room_id, auth_ids)
+            # A chain that named an event of the run stored it as an outlier.
+            seen = await self._main.have_seen_events(room_id, ids)
+            for i, (_, ev) in enumerate(run):
+                if ev.event_id in seen:
+                    run = run[:i]
+                    break
         for i, (_, ev) in enumerate(run):
             if not set(ev.auth_event_ids()) <= have_auth:
                 return run[:i]
         return run
 
-    async def _fetch_missing_auth_events(self, run: list[tuple[str, EventBase]], have: set[str]) -> None:
-        """For each event of the run with auth events not stored, what
-        Synapse's `_check_event_auth` does first
-        (`_load_or_fetch_auth_events_for_event`: the event's auth chain from
-        the server that sent it, persisted as outliers), for several events
-        at once, each missing auth event asked for once. An event whose auth
-        events are still missing afterwards ends the run, and Synapse's path
-        then tries (and fails) as it would have."""
+    async def _fetch_missing_auth_events(
+        self, run: list[tuple[str, EventBase]], have: set[str], phases: "_Phases"
+    ) -> None:
+        """For the run's events with auth events not stored, what Synapse's
+        `_check_event_auth` does first (`_load_or_fetch_auth_events_for_event`:
+        the event's auth chain from the server that sent it, with Synapse's
+        signature and hash checks, persisted as outliers), for several events
+        at once, each missing auth event asked for once, and the chains
+        persisted together: one `_auth_and_persist_outliers` for the run
+        instead of one for each event (which on a busy database costs more
+        than the requests). Where two chains hold the same event, the copy of
+        the earlier event's chain is kept, as Synapse's one-at-a-time path
+        keeps the copy it stored first. An event whose auth events are still
+        missing afterwards ends the run, and Synapse's path then tries (and
+        fails) as it would have."""
         covered = set(have)
         wanted: list[tuple[str, EventBase]] = []
         for origin, ev in run:
@@ -264,15 +317,43 @@ class StagedRuns:
             if missing:
                 wanted.append((origin, ev))
                 covered |= missing
+        if not wanted:
+            return
+        room_id = run[0][1].room_id
+        chains: dict[str, list[EventBase]] = {}
 
         async def fetch(item: tuple[str, EventBase]) -> None:
             origin, ev = item
+            logger.info("Event %s refers to unknown auth events: fetching auth chain", ev.event_id)
             try:
-                await self._federation_event_handler._load_or_fetch_auth_events_for_event(origin, ev)
+                chains[ev.event_id] = await self._federation_client.get_event_auth(origin, room_id, ev.event_id)
+            except RequestSendFailed as e:
+                logger.info("Failed to get event auth from %s: %s", origin, e)
             except Exception as e:
-                logger.info("Auth events of staged event %s not fetched: %s", ev.event_id, e)
+                logger.warning("Failed to get auth chain for %s: %s", ev.event_id, e)
 
+        started = time.monotonic()
         await concurrently_execute(fetch, wanted, _AUTH_FETCH_CONCURRENCY)
+        started = phases.done("auth requests", started, within="chain")
+        fetched: dict[str, EventBase] = {}
+        for _, ev in wanted:
+            # The event itself may be returned; it is not processed yet.
+            for auth_event in chains.get(ev.event_id, ()):
+                if auth_event.event_id != ev.event_id:
+                    fetched.setdefault(auth_event.event_id, auth_event)
+        logger.info(
+            "Auth chains of %d staged events in %s: %d events from %d answers",
+            len(wanted), room_id, len(fetched), len(chains),
+        )
+        if not fetched:
+            return
+        try:
+            await self._federation_event_handler._auth_and_persist_outliers(room_id, fetched.values())
+            phases.done("auth chains stored", started, within="chain")
+        except Exception as e:
+            # As Synapse's path: the events left without their auth events
+            # end the run below.
+            logger.warning("Failed to persist the auth chains of staged events in %s: %s", room_id, e)
 
     async def _authorised(
         self, run: list[tuple[str, EventBase]]
@@ -316,9 +397,14 @@ class StagedRuns:
         return accepted
 
     async def _persist(
-        self, room_id: str, extremities: frozenset[str], run: list[tuple[str, EventBase, EventContext]]
+        self,
+        room_id: str,
+        extremities: frozenset[str],
+        run: list[tuple[str, EventBase, EventContext]],
+        phases: "_Phases",
     ) -> bool:
         pairs = [(ev, context) for _, ev, context in run]
+        started = time.monotonic()
         try:
             min_depth = await self._main.get_min_depth(room_id)
             # Push actions for the events Synapse would compute them for (its
@@ -335,7 +421,9 @@ class StagedRuns:
             # would check the events after it for soft-failure against it.
             if await self._main.get_latest_event_ids_in_room(room_id) != extremities:
                 raise _ExtremitiesMoved()
+            started = phases.done("push actions", started)
             await self._federation_event_handler.persist_events_and_notify(room_id, pairs)
+            started = phases.done("persist", started)
         except Exception as e:
             for ev, _ in pairs:
                 await self._main.remove_push_actions_from_staging(ev.event_id)
@@ -366,13 +454,16 @@ class StagedRuns:
         histogram = pdu_process_time.labels(**{SERVER_NAME_LABEL: self._server_name})
         for received_ts in received:
             histogram.observe((now - received_ts) / 1000)
+        phases.done("after", started)
         self.stats.runs += 1
         self.stats.events += len(pairs)
         logger.info(
-            "Processed a run of %d staged events in %s (%s .. %s)",
+            "Processed a run of %d staged events in %s (%s .. %s) in %.2f s: %s",
             len(pairs),
             room_id,
             pairs[0][0].event_id,
             pairs[-1][0].event_id,
+            phases.total(),
+            phases,
         )
         return True

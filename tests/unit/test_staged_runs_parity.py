@@ -426,6 +426,11 @@ async def test_runs_write_what_synapse_writes(
         # as one run, not one at a time through Synapse's path.
         first_live = make_event_from_dict(copy.deepcopy(live[0][1]), scenario.version).event_id
         assert any(first_live in batch and len(batch) > 1 for batch in persisted_batches), persisted_batches
+        # The fetched chains were persisted together: the first run's
+        # senders' joins in one batch, not one batch for each event.
+        assert any(len(leave_out & set(batch)) > 1 for batch in persisted_batches), [
+            (len(b), len(leave_out & set(b))) for b in persisted_batches
+        ]
     if give_back == "ban meanwhile":
         soft_failed = [
             r for r in s_after["event_json"][1:] if '"soft_failed":true' in str(r).replace(" ", "")
