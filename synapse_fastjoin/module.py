@@ -35,7 +35,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 14
+HOOKS_API_VERSION = 15
 
 _DAY_MS = 24 * 60 * 60 * 1000
 

@@ -13,7 +13,8 @@ from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
 from twisted.internet import defer
 
-from synapse_fastjoin.storage import events, inbound, servers
+from synapse_fastjoin.storage import events, inbound, push_actions, servers
+from synapse_fastjoin.storage.push_actions import StagedPushActions
 from synapse_fastjoin.storage.member_counts import (
     ROOM_COUNTS,
     SERVER_COUNTS,
@@ -497,6 +498,11 @@ class FastJoinStore:
     async def remove_staged_events(self, rows: list[tuple[str, str]]) -> list[int]:
         return await self._interaction(
             "fastjoin_remove_staged_events", inbound.remove_staged_events_txn, rows
+        )
+
+    async def add_push_actions_to_staging(self, entries: list[StagedPushActions], now_ms: int) -> None:
+        await self._interaction(
+            "fastjoin_add_push_actions_to_staging", push_actions.add_push_actions_to_staging_txn, entries, now_ms
         )
 
     async def record_run_extremities(self, room_id: str, rows: list[tuple[str, int]]) -> None:

@@ -1,0 +1,54 @@
+# Copyright (C) 2026 The synapse-fastjoin authors
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Push actions of several events staged in one transaction.
+
+Synapse's `add_push_actions_to_staging` writes one event's rows of
+`event_push_actions_staging` per transaction; a run of staged inbound events
+(handlers/staged_runs.py) collects every event's arguments to it (patch 0032)
+and writes them here at once, as the same rows: the columns come from
+Synapse's own helpers (`_serialize_action`, `_action_has_highlight`), and an
+event with no actions gets no row, as there.
+"""
+
+from typing import Collection, Mapping
+
+from synapse.storage.database import DatabasePool, LoggingTransaction
+from synapse.storage.databases.main.event_push_actions import (
+    _action_has_highlight,
+    _serialize_action,
+)
+
+# One event's arguments to Synapse's `add_push_actions_to_staging`: event ID,
+# actions by user, whether it counts as unread, thread ID.
+StagedPushActions = tuple[str, Mapping[str, Collection[Mapping | str]], bool, str]
+
+_COLUMNS = ("event_id", "user_id", "actions", "notif", "highlight", "unread", "thread_id", "inserted_ts")
+
+
+def staging_rows(entries: list[StagedPushActions], now_ms: int) -> list[tuple[str, str, str, int, int, int, str, int]]:
+    """The rows Synapse's `add_push_actions_to_staging` writes for each entry."""
+    rows = []
+    for event_id, user_id_actions, count_as_unread, thread_id in entries:
+        for user_id, actions in user_id_actions.items():
+            is_highlight = 1 if _action_has_highlight(actions) else 0
+            rows.append(
+                (
+                    event_id,
+                    user_id,
+                    _serialize_action(actions, bool(is_highlight)),
+                    1 if "notify" in actions else 0,
+                    is_highlight,
+                    int(count_as_unread),
+                    thread_id,
+                    now_ms,
+                )
+            )
+    return rows
+
+
+def add_push_actions_to_staging_txn(
+    txn: LoggingTransaction, entries: list[StagedPushActions], now_ms: int
+) -> None:
+    rows = staging_rows(entries, now_ms)
+    if rows:
+        DatabasePool.simple_insert_many_txn(txn, "event_push_actions_staging", _COLUMNS, rows)
