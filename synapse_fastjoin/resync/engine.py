@@ -55,6 +55,7 @@ from synapse_fastjoin.resync.keys import start_key_prefetch
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered
 from synapse_fastjoin.storage.current_state import update_current_state
 from synapse_fastjoin.storage.events import partial_state_events_in_order_txn
+from synapse_fastjoin.storage.partial_state import un_partial_state_events_txn
 from synapse_fastjoin.storage.sqlite_wal import WalCheckpointHold
 from synapse_fastjoin.storage.state_groups import (
     ChainItem,
@@ -89,26 +90,6 @@ _RUN_LENGTH = 100
 # resync starts (see `_RoomResync.run`); smaller ones once /state_ids shows
 # `check_process_min_events` events to fetch.
 _BIG_ROOM_SERVERS = 200
-
-
-def _one_replication_poke(txn: Any, notifier: Any) -> None:
-    """Synapse's `_update_state_for_partial_state_event_txn` has the
-    transaction wake the replication listeners after it commits, once per
-    event (each wake starts the presence and user-directory handlers' checks
-    for new data); for a run written in one transaction, once is enough: all
-    the wakes would run in the same reactor turn, after the same commit,
-    and find the same data. The other callbacks are left as they are."""
-    poke = notifier.on_new_replication_data
-    kept = False
-    callbacks = []
-    for entry in txn.after_callbacks:
-        callback, args, kwargs = entry
-        if callback == poke and not args and not kwargs:
-            if kept:
-                continue
-            kept = True
-        callbacks.append(entry)
-    txn.after_callbacks[:] = callbacks
 
 
 class RoomLeft(Exception):
@@ -751,11 +732,15 @@ class _RoomResync:
         ) as stream_ids:
 
             def write(txn: Any) -> None:
-                for (event, context), stream_id in zip(pending, stream_ids):
-                    store._update_state_for_partial_state_event_txn(
-                        txn, event, context, stream_id
-                    )
-                _one_replication_poke(txn, self._notifier)
+                # Synapse's `_update_state_for_partial_state_event_txn` for
+                # each event, in a few statements for all of them (and the
+                # replication listeners woken once, not once per event).
+                un_partial_state_events_txn(
+                    txn,
+                    store,
+                    [(event, context, stream_id) for (event, context), stream_id in zip(pending, stream_ids)],
+                    store._instance_name,
+                )
 
             self._hold_partial_flags([event for event, _ in pending])
             await store.db_pool.runInteraction("fastjoin_un_partial_state_events", write)

@@ -1,19 +1,28 @@
 """Writes to Synapse's own partial-state tables, done the way Synapse does them.
 
-Only the abort of a resync needs this: it takes a room out of partial state
-without the full state, so every partial-state event of the room is marked as
-no longer partial (caches invalidated through Synapse's cache stream, so
-workers follow), then the room's flag is cleared by Synapse's own
-`clear_partial_state_room`. A rejoin marks them partial again.
+The catch-up gives a run of events their full state at once
+(`un_partial_state_events_txn`). The abort of a resync takes a room out of
+partial state without the full state, so every partial-state event of the
+room is marked as no longer partial (caches invalidated through Synapse's
+cache stream, so workers follow), then the room's flag is cleared by
+Synapse's own `clear_partial_state_room`. A rejoin marks them partial again.
 """
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from synapse.storage.database import LoggingTransaction
+from synapse.api.errors import StoreError
+from synapse.storage.database import (
+    DatabasePool,
+    LoggingTransaction,
+    make_in_list_sql_clause,
+)
+from synapse.storage.engines import PostgresEngine
 from synapse.util.iterutils import batch_iter
 
 if TYPE_CHECKING:
+    from synapse.events import EventBase
+    from synapse.events.snapshot import EventContext
     from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
@@ -115,3 +124,72 @@ async def mark_partial_again(hs: "HomeServer", room_id: str) -> int:
             len(event_ids),
         )
     return len(event_ids)
+
+
+def un_partial_state_events_txn(
+    txn: LoggingTransaction,
+    store: Any,
+    items: list[tuple["EventBase", "EventContext", int]],
+    instance_name: str,
+) -> None:
+    """Give events their full state, as Synapse's
+    `_update_state_for_partial_state_event_txn` does for each (event, context,
+    un-partial-stated stream ID) of `items` in turn, with a few statements for
+    all of them: each event's row of `event_to_state_groups` pointed at its
+    new group (the group before it if it is now rejected), its rejection
+    marked where it changed (Synapse's `mark_event_rejected_txn`), its row of
+    `partial_state_events` deleted (every one must exist: Synapse's
+    `simple_delete_one_txn` raises otherwise, and so does this, so that the
+    transaction is rolled back), a row of `un_partial_stated_event_stream`
+    added; the same caches invalidated and prefilled after the commit, and
+    the replication listeners woken.
+
+    On PostgreSQL, where each statement is a round trip to the server (on a
+    busy one, about 1 ms), this is three statements for up to 500 events
+    instead of three for each. `store` is Synapse's main data store.
+    """
+    if not items:
+        return
+    groups: list[tuple[str, int]] = []
+    stream_rows: list[tuple[int, str, str, bool]] = []
+    for event, context, stream_id in items:
+        assert not event.internal_metadata.is_outlier()
+        state_group = context.state_group_before_event if context.rejected else context.state_group
+        assert state_group is not None
+        rejection_status_changed = bool(context.rejected) != (event.rejected_reason is not None)
+        if rejection_status_changed:
+            store.mark_event_rejected_txn(txn, event.event_id, context.rejected)
+        groups.append((event.event_id, state_group))
+        stream_rows.append((stream_id, instance_name, event.event_id, rejection_status_changed))
+
+    deleted = 0
+    for part in batch_iter(groups, _BATCH):
+        ids = [event_id for event_id, _ in part]
+        if isinstance(txn.database_engine, PostgresEngine):
+            txn.execute_values(
+                "UPDATE event_to_state_groups AS t SET state_group = v.state_group"
+                " FROM (VALUES ?) AS v (event_id, state_group) WHERE t.event_id = v.event_id",
+                part,
+                fetch=False,
+            )
+        else:
+            txn.execute_batch(
+                "UPDATE event_to_state_groups SET state_group = ? WHERE event_id = ?",
+                [(state_group, event_id) for event_id, state_group in part],
+            )
+        clause, args = make_in_list_sql_clause(txn.database_engine, "event_id", ids)
+        txn.execute(f"DELETE FROM partial_state_events WHERE {clause}", args)
+        deleted += txn.rowcount
+    if deleted != len(groups):
+        # What Synapse's `simple_delete_one_txn` says of the first missing row.
+        raise StoreError(404, "No row found (partial_state_events)")
+    DatabasePool.simple_insert_many_txn(
+        txn,
+        "un_partial_stated_event_stream",
+        ("stream_id", "instance_name", "event_id", "rejection_status_changed"),
+        stream_rows,
+    )
+    for event_id, state_group in groups:
+        txn.call_after(store.is_partial_state_event.invalidate, (event_id,))
+        txn.call_after(store._get_state_group_for_event.prefill, (event_id,), state_group)
+    txn.call_after(store.hs.get_notifier().on_new_replication_data)

@@ -10,7 +10,7 @@ Synapse's own helpers (`_serialize_action`, `_action_has_highlight`), and an
 event with no actions gets no row, as there.
 """
 
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 from synapse.storage.database import DatabasePool, LoggingTransaction
 from synapse.storage.databases.main.event_push_actions import (

@@ -8,10 +8,12 @@ device-list check at the end of the resync."""
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import synapse.server  # noqa: F401  (imports Synapse in the order the module does)
 from synapse.api.room_versions import RoomVersions
 from synapse.events import EventBase, make_event_from_dict
 
+from synapse_fastjoin.resync import engine
 from synapse_fastjoin.resync.engine import _RoomResync
 from synapse_fastjoin.resync.progress import ResyncProgress
 from synapse_fastjoin.storage.state_groups import (
@@ -55,6 +57,7 @@ class FakeMain:
         self.groups: dict[str, tuple[int, int]] = {}
         # Flags cached as partial before the write (see _hold_partial_flags).
         self.held: set[str] = set()
+        self._instance_name = "master"
         main = self
 
         class FlagCache:
@@ -99,14 +102,18 @@ class FakeMain:
         self.warmed_events.update(ids)
         return {}
 
-    def _update_state_for_partial_state_event_txn(self, txn, event, context, stream_id):
-        # The partial flag must be cached before the write commits.
-        assert event.event_id in self.held, event.event_id
-        self.written.append(event.event_id)
-        # As Synapse's does: the replication listeners woken after the commit.
+    def un_partial_state_events_txn(self, txn, store, items, instance_name):
+        """Stands for storage/partial_state.py's (its rows are compared with
+        Synapse's in test_un_partial_state_events.py): records the write."""
+        assert store is self
+        for event, context, _stream_id in items:
+            # The partial flag must be cached before the write commits.
+            assert event.event_id in self.held, event.event_id
+            self.written.append(event.event_id)
+            txn.after_callbacks.append((self.flag_cleared, (event.event_id,), {}))
+            self.groups[event.event_id] = (context.state_group_before_event, context._state_group)
+        # The replication listeners woken after the commit, once.
         txn.after_callbacks.append((self.notifier.on_new_replication_data, (), {}))
-        txn.after_callbacks.append((self.flag_cleared, (event.event_id,), {}))
-        self.groups[event.event_id] = (context.state_group_before_event, context._state_group)
 
 
 class FakeStateStorage:
@@ -217,6 +224,14 @@ def _chain(kick_rejected=None):
     e3 = _event(12, [kick.event_id])
     e4 = _event(13, [e3.event_id])
     return [e1, kick, e3, e4]
+
+
+@pytest.fixture(autouse=True)
+def _fake_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catch-up's write goes to the fake store's record of it."""
+    monkeypatch.setattr(
+        engine, "un_partial_state_events_txn", lambda txn, store, *args: store.un_partial_state_events_txn(txn, store, *args)
+    )
 
 
 def test_a_run_without_changed_verdicts_is_written_whole():

@@ -4,7 +4,8 @@ on SQLite and PostgreSQL: notify and highlight actions, dict and string
 actions, several users of one event, unread counts, threads, an event with no
 actions (no row)."""
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
