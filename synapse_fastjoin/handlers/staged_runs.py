@@ -34,8 +34,9 @@ before any of them is persisted:
   that, the auth chains Synapse's `_check_event_auth` would fetch for the
   run's events, such as their senders' memberships in a partial-state room,
   are fetched for several events at once, as Synapse fetches them, and
-  stored together), is not referenced as a prev event by a stored event (which would change the
-  extremities), and does not relate (`m.relates_to`) to an event of the run;
+  stored together), is not referenced as a prev event by a stored event
+  (which would change the extremities), and does not relate
+  (`m.relates_to`) to an event of the run;
 - the spam checker's `should_drop_federated_event` keeps every event after
   the first (Synapse asked for the first);
 - `_check_event_auth` accepts each one, except perhaps the last: an event it
@@ -455,7 +456,8 @@ class StagedRuns:
                 ],
                 _CHECK_CONCURRENCY,
             )
-            await self._store.add_push_actions_to_staging(staging, self._clock.time_msec())
+            if staging:
+                await self._store.add_push_actions_to_staging(staging, self._clock.time_msec())
             # Another path may have persisted an event in the room since the
             # run's extremities were read (a local user's ban, say): Synapse
             # would check the events after it for soft-failure against it.

@@ -14,7 +14,6 @@ from synapse.storage.database import LoggingTransaction
 from twisted.internet import defer
 
 from synapse_fastjoin.storage import events, inbound, push_actions, servers
-from synapse_fastjoin.storage.push_actions import StagedPushActions
 from synapse_fastjoin.storage.member_counts import (
     ROOM_COUNTS,
     SERVER_COUNTS,
@@ -24,6 +23,7 @@ from synapse_fastjoin.storage.member_counts import (
     joined_member_count_txn,
     joined_servers_txn,
 )
+from synapse_fastjoin.storage.push_actions import StagedPushActions
 from synapse_fastjoin.storage.schema import check_schema_txn, prepare_schema_txn
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,12 @@ from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.resync.finish_gate import FinishGate
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness import inprocess
-from tests.harness.endsteps import JoinScenario, join_scenario, prepare_partial_join, un_partial_join
+from tests.harness.endsteps import (
+    JoinScenario,
+    join_scenario,
+    prepare_partial_join,
+    un_partial_join,
+)
 from tests.unit.test_staged_runs_parity import _drain, _stage
 
 SERVER = "joiner.test"
