@@ -14,7 +14,6 @@ go (accepted or rejected, before and after) is covered, and a run that names
 an event no longer partial fails whole on both sides.
 """
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,11 +25,11 @@ from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import make_event_from_dict
 
 from synapse_fastjoin.storage.partial_state import un_partial_state_events_txn
-from tests.harness.outliers import homeservers_on_fresh_databases
-from tests.harness.postgres import PostgresAdmin
+
+# Two fresh HomeServers, "synapse" and "ours", each on its own database.
+from tests.unit.test_catchup_state_groups import homeservers  # noqa: F401 (fixture)
 
 ROOM = "!room:a.test"
-SERVER = "joiner.test"
 TABLES = {
     "event_to_state_groups": "event_id, state_group",
     "partial_state_events": "room_id, event_id",
@@ -41,17 +40,6 @@ TABLES = {
 # (rejected before, rejected now) for event i, by i % 4.
 VERDICTS = [(None, None), (None, "auth_error"), ("auth_error", None), ("auth_error", "auth_error")]
 COUNT = 1203  # more than two of the module's batches of 500
-
-
-@pytest.fixture
-def homeservers(
-    db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[dict[str, SynapseHomeServer]]:
-    admin: PostgresAdmin | None = request.getfixturevalue("postgres_admin") if db_backend == "postgres" else None
-    with homeservers_on_fresh_databases(
-        ("synapse", "ours"), db_backend, tmp_path_factory, admin, server_name=lambda _: SERVER
-    ) as made:
-        yield made
 
 
 def _items(count: int) -> list[tuple[Any, Any, int]]:
@@ -146,7 +134,9 @@ async def _our_write(hs: SynapseHomeServer, items: list[Any]) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_run_written_at_once_writes_synapses_rows(homeservers: dict[str, SynapseHomeServer]) -> None:
+async def test_a_run_written_at_once_writes_synapses_rows(
+    homeservers: dict[str, SynapseHomeServer],  # noqa: F811
+) -> None:
     synapse, ours = homeservers["synapse"], homeservers["ours"]
     for hs in (synapse, ours):
         await _prepare(hs, COUNT + 1)
@@ -180,7 +170,7 @@ async def test_a_run_written_at_once_writes_synapses_rows(homeservers: dict[str,
 
 @pytest_twisted.ensureDeferred
 async def test_a_run_naming_an_event_no_longer_partial_fails_whole(
-    homeservers: dict[str, SynapseHomeServer],
+    homeservers: dict[str, SynapseHomeServer],  # noqa: F811
 ) -> None:
     synapse, ours = homeservers["synapse"], homeservers["ours"]
     for hs in (synapse, ours):
