@@ -84,6 +84,7 @@ from synapse.events.snapshot import EventContext, UnpersistedEventContext
 from synapse.federation.federation_server import pdu_process_time
 from synapse.metrics import SERVER_NAME_LABEL
 from synapse.storage._base import db_to_json
+from synapse.storage.engines import Sqlite3Engine
 from synapse.util.async_helpers import concurrently_execute
 
 from synapse_fastjoin.storage.push_actions import StagedPushActions
@@ -100,9 +101,13 @@ logger = logging.getLogger(__name__)
 _MIN_RUN = 2
 # Auth chains fetched at once for a run's events (see _fetch_missing_auth_events).
 _AUTH_FETCH_CONCURRENCY = 10
-# A run's auth checks, and its push-rule evaluations, made at once (each may
-# hold one of the database pool's connections: Synapse's default pool has 10).
+# A run's auth checks, and its push-rule evaluations, made at once on
+# PostgreSQL (each may hold one of the database pool's connections: Synapse's
+# default pool has 10). On SQLite, whose one connection runs every
+# transaction in turn, one at a time: more only queues the run's reads ahead
+# of the resync's writes.
 _CHECK_CONCURRENCY = 5
+_CHECK_CONCURRENCY_SQLITE = 1
 
 
 class _ExtremitiesMoved(Exception):
@@ -173,6 +178,9 @@ class StagedRuns:
         self._server_name = hs.hostname
         self._instance_name = hs.get_instance_name()
         self._clock = hs.get_clock()
+        self._concurrency = (
+            _CHECK_CONCURRENCY_SQLITE if isinstance(self._main.database_engine, Sqlite3Engine) else _CHECK_CONCURRENCY
+        )
         self._ready = True
 
     async def process_staged_run(self, origin: str, event: EventBase, room_version: Any) -> bool:
@@ -416,7 +424,7 @@ class StagedRuns:
             except Exception as e:
                 outcomes[i] = e
 
-        await concurrently_execute(check, range(len(built)), _CHECK_CONCURRENCY)
+        await concurrently_execute(check, range(len(built)), self._concurrency)
         accepted: list[tuple[str, EventBase, EventContext]] = []
         for (origin, ev, context), outcome in zip(built, outcomes):
             if isinstance(outcome, AuthError):
@@ -454,7 +462,7 @@ class StagedRuns:
                     for ev, context in pairs
                     if not context.rejected and min_depth is not None and min_depth <= ev.depth
                 ],
-                _CHECK_CONCURRENCY,
+                self._concurrency,
             )
             if staging:
                 await self._store.add_push_actions_to_staging(staging, self._clock.time_msec())
