@@ -375,7 +375,8 @@ class StagedRuns:
         Synapse's `_check_event_auth` rejects (its context says so), or up to
         one it cannot check.
 
-        The contexts are built in order; the checks run several at once. Each
+        The contexts are built in order; the checks run several at once (on
+        PostgreSQL; one at a time on SQLite: `_CHECK_CONCURRENCY_SQLITE`). Each
         check's outcome depends only on its own event and context and on
         stored events: the run's events are not state events, none is an auth
         event of another (each one's auth events were stored before the run,
