@@ -387,7 +387,8 @@ class StagedRuns:
         auth events (Synapse's `get_auth_chain_difference`, on a database
         busy with the resync's writes: 25 to 100 ms each on PostgreSQL
         during a resync of 50,000 members). Checks of events after the first
-        rejection or unchecked event are made but not used."""
+        rejection or unchecked event are skipped once that is known (some may
+        already be under way; their outcomes are not used)."""
         built: list[tuple[str, EventBase, EventContext]] = []
         first_context: EventContext | None = None
         group_delta: tuple[int | None, Any] | None = None
@@ -417,13 +418,23 @@ class StagedRuns:
             built.append((origin, ev, context))
 
         outcomes: list[Exception | None] = [None] * len(built)
+        # The first event that ends the run, as far as known: events after it
+        # are not checked (their outcomes would not be used).
+        end = len(built)
 
         async def check(i: int) -> None:
+            nonlocal end
+            if i > end:
+                return
             origin, ev, context = built[i]
             try:
                 await self._federation_event_handler._check_event_auth(origin, ev, context)
             except Exception as e:
                 outcomes[i] = e
+                end = min(end, i)
+                return
+            if context.rejected:
+                end = min(end, i)
 
         await concurrently_execute(check, range(len(built)), self._concurrency)
         accepted: list[tuple[str, EventBase, EventContext]] = []

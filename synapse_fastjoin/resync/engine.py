@@ -739,7 +739,6 @@ class _RoomResync:
                     txn,
                     store,
                     [(event, context, stream_id) for (event, context), stream_id in zip(pending, stream_ids)],
-                    store._instance_name,
                 )
 
             self._hold_partial_flags([event for event, _ in pending])

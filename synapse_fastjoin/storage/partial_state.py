@@ -130,7 +130,6 @@ def un_partial_state_events_txn(
     txn: LoggingTransaction,
     store: Any,
     items: list[tuple["EventBase", "EventContext", int]],
-    instance_name: str,
 ) -> None:
     """Give events their full state, as Synapse's
     `_update_state_for_partial_state_event_txn` does for each (event, context,
@@ -160,7 +159,7 @@ def un_partial_state_events_txn(
         if rejection_status_changed:
             store.mark_event_rejected_txn(txn, event.event_id, context.rejected)
         groups.append((event.event_id, state_group))
-        stream_rows.append((stream_id, instance_name, event.event_id, rejection_status_changed))
+        stream_rows.append((stream_id, store._instance_name, event.event_id, rejection_status_changed))
 
     deleted = 0
     for part in batch_iter(groups, _BATCH):

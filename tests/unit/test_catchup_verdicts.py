@@ -57,7 +57,6 @@ class FakeMain:
         self.groups: dict[str, tuple[int, int]] = {}
         # Flags cached as partial before the write (see _hold_partial_flags).
         self.held: set[str] = set()
-        self._instance_name = "master"
         main = self
 
         class FlagCache:
@@ -102,7 +101,7 @@ class FakeMain:
         self.warmed_events.update(ids)
         return {}
 
-    def un_partial_state_events_txn(self, txn, store, items, instance_name):
+    def un_partial_state_events_txn(self, txn, store, items):
         """Stands for storage/partial_state.py's (its rows are compared with
         Synapse's in test_un_partial_state_events.py): records the write."""
         assert store is self

@@ -4,18 +4,17 @@ on SQLite and PostgreSQL: notify and highlight actions, dict and string
 actions, several users of one event, unread counts, threads, an event with no
 actions (no row)."""
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import pytest_twisted
 from synapse.server import HomeServer
 
 from synapse_fastjoin.storage.push_actions import StagedPushActions
 from synapse_fastjoin.storage.store import FastJoinStore
-from tests.harness import inprocess
 
-SERVER = "push.test"
+# Two HomeServers on fresh databases, "synapse" and "runs".
+from tests.unit.test_staged_runs_parity import homeservers  # noqa: F401 (fixture)
+
 NOW = 1_800_000_000_000
 
 HIGHLIGHT = [
@@ -34,16 +33,6 @@ ENTRIES: list[StagedPushActions] = [
 ]
 
 
-@pytest.fixture
-def homeservers(
-    db_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[dict[str, HomeServer]]:
-    with inprocess.homeservers_for_fixture(
-        ("synapse", "module"), SERVER, db_backend, tmp_path_factory, request, inprocess.QUIET_BACKGROUND
-    ) as made:
-        yield made
-
-
 async def _staging(hs: HomeServer) -> list[tuple[Any, ...]]:
     def txn(t: Any) -> list[tuple[Any, ...]]:
         t.execute(
@@ -56,12 +45,12 @@ async def _staging(hs: HomeServer) -> list[tuple[Any, ...]]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_rows_equal_synapses(homeservers: dict[str, HomeServer]) -> None:
+async def test_rows_equal_synapses(homeservers: dict[str, HomeServer]) -> None:  # noqa: F811
     synapse_store = homeservers["synapse"].get_datastores().main
     for event_id, actions, unread, thread_id in ENTRIES:
         await synapse_store.add_push_actions_to_staging(event_id, dict(actions), unread, thread_id)
 
-    hs = homeservers["module"]
+    hs = homeservers["runs"]
     store = FastJoinStore(hs.get_datastores().main.db_pool.runInteraction, may_migrate=True)
     await store.ensure_schema()
     await store.add_push_actions_to_staging(ENTRIES, NOW)

@@ -129,7 +129,7 @@ async def _synapse_write(hs: SynapseHomeServer, items: list[Any]) -> None:
 async def _our_write(hs: SynapseHomeServer, items: list[Any]) -> None:
     store = hs.get_datastores().main
     await store.db_pool.runInteraction(
-        "test_our_write", un_partial_state_events_txn, store, items, store._instance_name
+        "test_our_write", un_partial_state_events_txn, store, items
     )
 
 
