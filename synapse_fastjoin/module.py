@@ -107,7 +107,7 @@ class FastJoinModule:
         self.own_state_ids = OwnEventStateIds(api._hs)
         self.device_list_replay = DeviceListReplay(api._hs)
         # The auth state of events received while partial (any process).
-        self.partial_auth = PartialStateAuth()
+        self.partial_auth = PartialStateAuth(api._hs)
         # Presence from the servers of partial-state rooms (any process that
         # serves /sync).
         self.presence = PartialStatePresence(api._hs)
@@ -282,6 +282,10 @@ class FastJoinModule:
     async def _on_resync_finished(
         self, room_id: str, complete: bool, error: str | None
     ) -> None:
+        if complete:
+            # Its auth graph is of no more use here (workers drop theirs as
+            # other rooms need the room).
+            self.partial_auth.forget_room(room_id)
         if self.control is not None and self.control.is_aborting(room_id):
             return  # the abort records the end itself, as `aborted`
         if complete and await self._api._store.get_room(room_id) is None:

@@ -28,18 +28,26 @@ the partial state omits), or a key where they differ, is conflicted: its
 resolved value depends on the rest of the conflicted set (a ban of the sender
 of a conflicting power-levels event, an older membership resurrected from the
 auth chain difference, the mainline order of events at other keys), so no
-restriction of P to the auth keys is equivalent in general, and Synapse's own
-resolution runs.
+restriction of P to the auth keys is equivalent in general. There the
+resolution runs, computed only as far as the auth keys need it
+(`synapse_fastjoin.state.partial_resolution`: every power event, and the
+other events at the keys the auth keys depend on, with Synapse's own sort and
+check functions); where that declines, Synapse's own resolution runs.
 """
 
 import logging
-from typing import Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from synapse.event_auth import auth_types_for_event
 from synapse.events import EventBase
 from synapse.events.snapshot import EventContext
 from synapse.types import StateMap
 from synapse.types.state import StateFilter
+
+from synapse_fastjoin.state.partial_resolution import PartialStateResolver
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +83,37 @@ def auth_state_from_unconflicted(
 
 
 class PartialStateAuth:
-    """Answers `state_for_auth_while_partial` (patch 0016)."""
+    """Answers `state_for_auth_while_partial` (patch 0016).
 
-    def __init__(self) -> None:
+    Args:
+        hs: the homeserver; without it, conflicted auth keys are left to
+            Synapse's own resolution.
+    """
+
+    def __init__(self, hs: "HomeServer | None" = None) -> None:
+        self._hs = hs
+        self._resolver: PartialStateResolver | None = None
         # How often each way was taken, for tests and benchmarks.
         self.unconflicted = 0
         self.resolved = 0
+        self.resolved_at_auth_keys = 0
+
+    def forget_room(self, room_id: str) -> None:
+        """Drop what is kept about `room_id` (its resync finished)."""
+        if self._resolver is not None:
+            self._resolver.forget_room(room_id)
+
+    def _get_resolver(self) -> PartialStateResolver | None:
+        if self._resolver is None and self._hs is not None:
+            from synapse.state import StateResolutionStore
+
+            hs = self._hs
+            self._resolver = PartialStateResolver(
+                hs.get_datastores().main,
+                StateResolutionStore(hs.get_datastores().main, hs.get_datastores().state_deletion),
+                hs.get_clock(),
+            )
+        return self._resolver
 
     async def state_for_auth_while_partial(
         self,
@@ -90,13 +123,23 @@ class PartialStateAuth:
         resolve: Callable[[], Awaitable[StateMap[str]]],
     ) -> StateMap[str]:
         """The state `event` is authorised against: from the partial state at
-        its auth keys when those are unconflicted, else `resolve()` (Synapse's
-        resolution of the whole partial state with the claimed auth events)."""
+        its auth keys when those are unconflicted, else the resolution at the
+        auth keys, else `resolve()` (Synapse's resolution of the whole partial
+        state with the claimed auth events)."""
         auth_types = auth_types_for_event(event.room_version, event)
         partial: Any = await context.get_prev_state_ids(StateFilter.from_types(auth_types))
         answer = auth_state_from_unconflicted(event, partial, claimed_auth_event_ids)
         if answer is not None:
             self.unconflicted += 1
             return answer
+        resolver = self._get_resolver()
+        group = context.state_group_before_event
+        if resolver is not None and group is not None:
+            answer = await resolver.resolve_at_auth_keys(
+                event, event.room_version, group, context.get_prev_state_ids, claimed_auth_event_ids
+            )
+            if answer is not None:
+                self.resolved_at_auth_keys += 1
+                return answer
         self.resolved += 1
         return await resolve()

@@ -18,7 +18,9 @@ resolution. The verdicts (rejected or not, or the error raised) and the auth
 events `compute_auth_events` calculates from each answer must be identical;
 and, key by key, the module's answer must equal Synapse's resolution wherever
 the module answers at all. Both ways must be taken (the shortcut and the
-resolution), with accepted and rejected events on each.
+resolution), with accepted and rejected events on each. The module's
+resolution is the one computed at the auth keys
+(`synapse_fastjoin.state.partial_resolution`), never Synapse's whole one.
 """
 
 import collections
@@ -68,7 +70,7 @@ class Hook:
     `compute_auth_events` calculates from the answer."""
 
     def __init__(self, hs: SynapseHomeServer) -> None:
-        self.module = PartialStateAuth()
+        self.module = PartialStateAuth(hs)
         self.ours = True
         self.calculated: list[str] | None = None
         self._auth = hs.get_event_auth_handler()
@@ -341,12 +343,12 @@ async def test_partial_state_auth_matches_synapse(hs_and_hook, version: str) -> 
                     mismatches.append((p_name, e_name, "answer", ours, at_keys))
 
             # The verdict, through Synapse's _check_event_auth, both ways.
-            before = (hook.module.unconflicted, hook.module.resolved)
+            before = (hook.module.unconflicted, hook.module.resolved_at_auth_keys + hook.module.resolved)
             synapse_verdict = await _verdict(hs, hook, event, group, ours=False)
             module_verdict = await _verdict(hs, hook, event, group, ours=True)
             if synapse_verdict != module_verdict:
                 mismatches.append((p_name, e_name, "verdict", synapse_verdict, module_verdict))
-            after = (hook.module.unconflicted, hook.module.resolved)
+            after = (hook.module.unconflicted, hook.module.resolved_at_auth_keys + hook.module.resolved)
             if after != before:  # the module was asked (the claimed auth events passed)
                 used = "unconflicted" if after[0] > before[0] else "resolved"
                 assert used == way, (p_name, e_name, used, way)
@@ -355,6 +357,9 @@ async def test_partial_state_auth_matches_synapse(hs_and_hook, version: str) -> 
             taken[(used, "rejected" if module_verdict[0] else "accepted")] += 1
 
     assert not mismatches, "\n".join(map(str, mismatches))
+    # The resolutions were all computed at the auth keys, none left to
+    # Synapse's whole resolution.
+    assert hook.module.resolved_at_auth_keys > 0 and hook.module.resolved == 0
     # Both ways were taken; the resolution with accepted and rejected events.
     # (Where every auth key is unconflicted the answer is the claimed auth
     # events, which passed the auth rules just before: such an event is never
