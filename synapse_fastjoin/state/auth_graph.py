@@ -58,10 +58,11 @@ class AuthGraph:
     Args:
         store: Synapse's main data store.
         room_id: the room; an event of another room makes `load` decline.
-        max_events: the most events held; `load` declines beyond it.
+        max_events: the most events held; `load` raises
+            `GraphLimitExceeded` beyond it.
     """
 
-    def __init__(self, store: DataStore, room_id: str, max_events: int = 500_000) -> None:
+    def __init__(self, store: DataStore, room_id: str, max_events: int = 100_000) -> None:
         self._store = store
         self.room_id = room_id
         self._max_events = max_events
@@ -76,6 +77,8 @@ class AuthGraph:
 
     def _add(self, event: EventBase) -> None:
         event_id = event.event_id
+        if event_id in self.parents:
+            return
         parents = tuple(event.auth_event_ids())
         self.parents[event_id] = parents
         for parent in parents:
@@ -91,25 +94,34 @@ class AuthGraph:
 
     async def load(self, event_ids: Iterable[str]) -> bool:
         """Load `event_ids` and all their ancestors. False if one of them is
-        not stored or is in another room (Synapse must answer), or if the graph
-        would grow beyond its bound."""
+        not stored or is in another room (Synapse must answer); raises
+        `GraphLimitExceeded` if the graph would grow beyond its bound.
+
+        What a load finds is added at its end, all at once: the graph only
+        ever holds events whose ancestors it holds too, whatever other loads
+        are under way meanwhile."""
+        found: dict[str, EventBase] = {}
         wanted = {e for e in event_ids if e not in self.parents}
         while wanted:
-            if len(self.parents) + len(wanted) > self._max_events:
+            if len(self.parents) + len(found) + len(wanted) > self._max_events:
                 raise GraphLimitExceeded()
-            found: dict[str, EventBase] = {}
+            fetched: dict[str, EventBase] = {}
             for batch in batch_iter(wanted, _FETCH_BATCH):
-                found.update(await self._store.get_events(batch, allow_rejected=True))
-            if len(found) != len(wanted):
+                fetched.update(await self._store.get_events(batch, allow_rejected=True))
+            if len(fetched) != len(wanted):
                 return False
-            following: set[str] = set()
-            for event in found.values():
+            for event in fetched.values():
                 if event.room_id != self.room_id:
                     return False
-                self._add(event)
-            for event in found.values():
-                following.update(a for a in event.auth_event_ids() if a not in self.parents)
-            wanted = following
+            found.update(fetched)
+            wanted = {
+                a
+                for event in fetched.values()
+                for a in event.auth_event_ids()
+                if a not in self.parents and a not in found
+            }
+        for event in found.values():
+            self._add(event)
         return True
 
     def ancestry(self, event_ids: Iterable[str], stop: Collection[str] = ()) -> set[str]:

@@ -295,3 +295,50 @@ async def test_a_graph_over_its_bound_leaves_the_room_to_synapse(homeserver) -> 
     resolver._max_events = 100_000
     resolver._rooms.clear()
     assert await resolver.resolve_at_auth_keys(message, room.version, 1, load, claimed) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_load_under_way_leaves_no_event_without_its_ancestors(homeserver) -> None:
+    """Two loads of the graph at once (five auth checks of a run may load
+    it together): while the first waits for the database for the ancestors
+    of what it found, the graph holds none of that yet, so the second load
+    fetches it itself instead of taking an event whose ancestors are
+    missing; both end with every ancestor held."""
+    from twisted.internet import defer, reactor
+    from twisted.internet.task import deferLater
+
+    hs = homeserver
+    room, points = generate_room("12", 6)
+    await _persist(hs, room)
+    store = hs.get_datastores().main
+    graph = AuthGraph(store, room.room_id)
+    real_get_events = store.get_events
+    calls = 0
+    gate: defer.Deferred = defer.Deferred()
+    waiting = False
+
+    class Store:
+        """The real store; its second read waits until the test lets it go."""
+
+        async def get_events(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal calls, waiting
+            calls += 1
+            if calls == 2:
+                waiting = True
+                await gate
+            return await real_get_events(*args, **kwargs)
+
+    graph._store = Store()  # type: ignore[assignment]
+    newest = room.events[-1].event_id
+    first = defer.ensureDeferred(graph.load([newest]))
+    for _ in range(500):
+        if waiting:
+            break
+        await deferLater(reactor, 0.01)
+    assert waiting and not first.called
+    assert newest not in graph.parents
+    assert await graph.load([newest])  # a second load meanwhile
+    assert graph.ancestry([newest]) >= {newest}
+    gate.callback(None)
+    assert await first
+    assert all(p in graph.parents for parents in graph.parents.values() for p in parents)
