@@ -79,12 +79,14 @@ from synapse.api.errors import (
     RequestSendFailed,
     SynapseError,
 )
+from synapse.event_auth import auth_types_for_event
 from synapse.events import EventBase, make_event_from_dict, relation_from_event
 from synapse.events.snapshot import EventContext, UnpersistedEventContext
 from synapse.federation.federation_server import pdu_process_time
 from synapse.metrics import SERVER_NAME_LABEL
 from synapse.storage._base import db_to_json
 from synapse.storage.engines import Sqlite3Engine
+from synapse.types.state import StateFilter
 from synapse.util.async_helpers import concurrently_execute
 
 from synapse_fastjoin.storage.push_actions import StagedPushActions
@@ -419,6 +421,19 @@ class StagedRuns:
                     partial_state=first_context.partial_state,
                 ).persist(ev)
             built.append((origin, ev, context))
+        if first_context is not None and first_context.state_group_before_event is not None:
+            # Every event of the run has the state before it at one state
+            # group, and each check (and each push-rule evaluation) reads it
+            # at the event's auth keys: its sender's membership among them.
+            # One read of those keys for the whole run fills Synapse's
+            # state-group caches, so that those reads find them there instead
+            # of making a query each.
+            keys: set[tuple[str, str]] = set()
+            for _, ev, _ in built:
+                keys.update(auth_types_for_event(ev.room_version, ev))
+            await self._storage.state.get_state_ids_for_group(
+                first_context.state_group_before_event, StateFilter.from_types(keys)
+            )
 
         outcomes: list[Exception | None] = [None] * len(built)
         # The first event that ends the run, as far as known: events after it
