@@ -52,6 +52,7 @@ from synapse_fastjoin.resync.progress import (
 
 if TYPE_CHECKING:
     from synapse_fastjoin.handlers.inbound_queue import InboundQueueStats
+    from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
     from synapse_fastjoin.federation.staging import StagingStats
     from synapse_fastjoin.handlers.staged_runs import StagedRunStats
     from synapse.module_api import ModuleApi
@@ -195,6 +196,26 @@ STAGING_COUNTERS: dict[str, tuple[str, str]] = {
     ),
 }
 
+# Counter name -> (PartialStateAuth field, help): how inbound events of
+# partial-state rooms were authorised (handlers/partial_auth.py, patch 0016).
+PARTIAL_AUTH_COUNTERS: dict[str, tuple[str, str]] = {
+    "synapse_fastjoin_partial_auth_unconflicted_total": (
+        "unconflicted",
+        "Inbound events of partial-state rooms authorised from the partial state at their "
+        "auth keys (each the same in the partial state and the claimed auth events)",
+    ),
+    "synapse_fastjoin_partial_auth_resolved_at_auth_keys_total": (
+        "resolved_at_auth_keys",
+        "Inbound events of partial-state rooms whose state resolution was computed at "
+        "their auth keys",
+    ),
+    "synapse_fastjoin_partial_auth_synapse_resolutions_total": (
+        "resolved",
+        "Inbound events of partial-state rooms left to Synapse's resolution of the whole "
+        "partial state",
+    ),
+}
+
 # Every family labelled by server_name alone: (name, help, where its value is
 # in a server's `samples()`). A server whose samples lack the value (the
 # database not read yet, a thread pool without Twisted's legacy accessors) has
@@ -249,6 +270,7 @@ COUNTERS: tuple[_Series, ...] = (
     *((name, doc, ("inbound", field)) for name, (field, doc) in INBOUND_COUNTERS.items()),
     *((name, doc, ("runs", field)) for name, (field, doc) in RUN_COUNTERS.items()),
     *((name, doc, ("staging", field)) for name, (field, doc) in STAGING_COUNTERS.items()),
+    *((name, doc, ("partial_auth", field)) for name, (field, doc) in PARTIAL_AUTH_COUNTERS.items()),
     (
         "synapse_fastjoin_resyncs_started",
         "Resync runs started in this process (after a join, or resumed on start-up)",
@@ -344,6 +366,7 @@ class FastJoinMetrics:
         inbound: "InboundQueueStats | None" = None,
         runs: "StagedRunStats | None" = None,
         staging: "StagingStats | None" = None,
+        partial_auth: "PartialStateAuth | None" = None,
     ) -> None:
         self._api = api
         self._engine = engine
@@ -353,6 +376,8 @@ class FastJoinMetrics:
         self._runs = runs
         # Totals of the /send batches staged (federation/staging.py) in this process.
         self._staging = staging
+        # How inbound events of partial-state rooms were authorised (handlers/partial_auth.py).
+        self._partial_auth = partial_auth
         self.server_name = api.server_name
         self._lock = threading.Lock()
         # Totals of the runs that ended; the runs going on, by room.
@@ -622,6 +647,10 @@ class FastJoinMetrics:
             "staging": {
                 field: getattr(self._staging, field) if self._staging else 0
                 for field, _ in STAGING_COUNTERS.values()
+            },
+            "partial_auth": {
+                field: getattr(self._partial_auth, field) if self._partial_auth else 0
+                for field, _ in PARTIAL_AUTH_COUNTERS.values()
             },
         }
 

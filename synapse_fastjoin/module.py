@@ -170,7 +170,12 @@ class FastJoinModule:
         self.metrics: FastJoinMetrics | None = None
         if self._is_main_process:
             self.metrics = FastJoinMetrics(
-                api, self.engine, self.inbound_queue.stats, self.staged_runs.stats, self.batch_staging.stats
+                api,
+                self.engine,
+                self.inbound_queue.stats,
+                self.staged_runs.stats,
+                self.batch_staging.stats,
+                self.partial_auth,
             )
             self.metrics.start()
 

@@ -10,7 +10,8 @@ conflicted, so the resolution works through (nearly) the whole partial state
 for every inbound event: its cost grows with the room.
 
 Where the answer at those keys is known without the resolution, it is given
-here; everywhere else Synapse's own resolution runs, unchanged.
+here; everywhere else the resolution is computed at those keys only (below),
+and where that declines, Synapse's own resolution runs, unchanged.
 
 Why the shortcut is exact. State resolution v2 and v2.1 (`state/v2.py`,
 `resolve_events_with_store`) split the keys first (`_seperate`): a key is

@@ -27,15 +27,16 @@ answers are set computations over the graph whose edges are the events'
 
 `AuthGraph` holds the edges of the events it has been asked about and their
 ancestors, loaded from Synapse's event cache or database, and computes those
-sets; `tests/unit/test_auth_graph.py` compares them with Synapse's
+sets; `tests/unit/test_partial_resolution.py` compares them with Synapse's
 `get_auth_chain_difference_extended` on generated rooms (forks, bans, kicks,
 rejected events), both databases. An event that is not stored (an auth event
 never fetched) makes the graph decline (`load` returns False), and the
-caller then asks Synapse. Edges never change (an event's auth events are part
-of its id), so what is loaded stays true; rejections are not kept here.
+caller then asks Synapse. Edges never change (an event's auth events are
+covered by its id, a hash, in every room version the resolver serves), so
+what is loaded stays true; rejections are not kept here.
 """
 
-from typing import Collection, Iterable
+from typing import Callable, Collection, Iterable
 
 from synapse.events import EventBase
 from synapse.state.v2 import _is_power_event
@@ -124,37 +125,34 @@ class AuthGraph:
             self._add(event)
         return True
 
+    @staticmethod
+    def _walk(start: Iterable[str], next_of: Callable[[str], Iterable[str]]) -> set[str]:
+        """`start` and everything `next_of` leads to from it, transitively."""
+        seen: set[str] = set()
+        todo = list(start)
+        while todo:
+            event_id = todo.pop()
+            if event_id in seen:
+                continue
+            seen.add(event_id)
+            todo.extend(n for n in next_of(event_id) if n not in seen)
+        return seen
+
     def ancestry(self, event_ids: Iterable[str], stop: Collection[str] = ()) -> set[str]:
         """anc(event_ids): the events and every event reachable from them,
         all loaded. Events in `stop` (an ancestor-closed set) are reported but
         not walked past: the result then holds anc(event_ids) minus what lies
         beyond them."""
-        seen: set[str] = set()
-        todo = [e for e in event_ids]
         parents = self.parents
-        while todo:
-            event_id = todo.pop()
-            if event_id in seen:
-                continue
-            seen.add(event_id)
-            if event_id in stop:
-                continue
-            todo.extend(p for p in parents[event_id] if p not in seen)
-        return seen
+        return self._walk(event_ids, lambda e: () if e in stop else parents[e])
 
     def descendants_within(self, event_ids: Iterable[str], within: Collection[str]) -> set[str]:
         """The events of `within` (an ancestor-closed set) reachable forwards
         from `event_ids` (they included, where in `within`)."""
-        seen: set[str] = set()
-        todo = [e for e in event_ids if e in within]
         children = self.children
-        while todo:
-            event_id = todo.pop()
-            if event_id in seen:
-                continue
-            seen.add(event_id)
-            todo.extend(c for c in children.get(event_id, ()) if c in within and c not in seen)
-        return seen
+        return self._walk(
+            (e for e in event_ids if e in within), lambda e: (c for c in children.get(e, ()) if c in within)
+        )
 
     def reaching(self, candidates: Iterable[str], targets: Collection[str], memo: dict[str, bool]) -> set[str]:
         """The events of `candidates` whose ancestry (themselves included)

@@ -233,6 +233,12 @@ class PartialStateResolver:
             self._rooms.pop(event.room_id, None)
             self._too_big.add(event.room_id)
             return None
+        except Exception:
+            # Not expected; Synapse's own resolution gives the answer.
+            logger.warning(
+                "Resolution of %s at its auth keys failed: left to Synapse", event.event_id, exc_info=True
+            )
+            return None
 
     async def _resolve(
         self,

@@ -313,3 +313,29 @@ def test_inbound_and_retries_counters_are_exported_from_their_sources():
     assert values["synapse_fastjoin_inbound_events_refetch_failed_total"] == 2
     assert values["synapse_fastjoin_resync_retries_total"] == 4
     assert values["synapse_fastjoin_resync_events_fetched_total"] == 0
+
+
+def test_partial_auth_counters_follow_the_ways_inbound_events_were_authorised():
+    """The three partial-state auth counters read the handler's own totals."""
+    from synapse_fastjoin.handlers.partial_auth import PartialStateAuth
+
+    auth = PartialStateAuth()
+    auth.unconflicted, auth.resolved_at_auth_keys, auth.resolved = 11, 7, 2
+    metrics = m.FastJoinMetrics(
+        SimpleNamespace(server_name="partial-auth.test"), _Engine(), partial_auth=auth  # type: ignore[arg-type]
+    )
+    m._COLLECTOR.add(metrics)
+    try:
+        text = generate_latest(REGISTRY).decode()
+    finally:
+        m._COLLECTOR.remove(metrics)
+    values = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        if f.type == "counter"
+        for s in f.samples
+        if s.labels.get("server_name") == "partial-auth.test" and s.name.endswith("_total")
+    }
+    assert values["synapse_fastjoin_partial_auth_unconflicted_total"] == 11
+    assert values["synapse_fastjoin_partial_auth_resolved_at_auth_keys_total"] == 7
+    assert values["synapse_fastjoin_partial_auth_synapse_resolutions_total"] == 2

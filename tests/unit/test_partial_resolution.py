@@ -342,3 +342,33 @@ async def test_a_load_under_way_leaves_no_event_without_its_ancestors(homeserver
     gate.callback(None)
     assert await first
     assert all(p in graph.parents for parents in graph.parents.values() for p in parents)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_leaves_the_resolution_to_synapse(homeserver) -> None:
+    """Should the resolution at the auth keys fail on something unforeseen
+    (here: the reads of Synapse's resolution functions), the resolver answers
+    None and the caller takes Synapse's whole resolution."""
+    hs = homeserver
+    room, points = generate_room("12", 7)
+    await _persist(hs, room)
+    store = hs.get_datastores().main
+    srs = StateResolutionStore(store, hs.get_datastores().state_deletion)
+
+    class Failing:
+        main_store = store
+
+        async def get_events(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("read failed")
+
+    resolver = PartialStateResolver(store, Failing(), hs.get_clock())  # type: ignore[arg-type]
+    sender = next(k[1] for k in points[-1] if k[0] == EventTypes.Member and k[1] != CREATOR)
+    message = room.build(sender, "m.room.message", {"msgtype": "m.text", "body": "x"}, claim=points[-1])
+    claimed = {}
+    for ev in (await store.get_events(message.auth_event_ids(), allow_rejected=True)).values():
+        claimed[(ev.type, ev.state_key)] = ev.event_id
+    p_state = partial(points[-1], [])
+    assert any(p_state.get(k) != v for k, v in claimed.items())
+    assert await resolver.resolve_at_auth_keys(message, room.version, 1, _given(p_state), claimed) is None
+    working = PartialStateResolver(store, srs, hs.get_clock())
+    assert await working.resolve_at_auth_keys(message, room.version, 1, _given(p_state), claimed) is not None
