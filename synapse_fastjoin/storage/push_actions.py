@@ -12,11 +12,12 @@ event with no actions gets no row, as there.
 
 from collections.abc import Collection, Mapping
 
-from synapse.storage.database import DatabasePool, LoggingTransaction
+from synapse.storage.database import DatabasePool, LoggingTransaction, make_in_list_sql_clause
 from synapse.storage.databases.main.event_push_actions import (
     _action_has_highlight,
     _serialize_action,
 )
+from synapse.util.iterutils import batch_iter
 
 # One event's arguments to Synapse's `add_push_actions_to_staging`: event ID,
 # actions by user, whether it counts as unread, thread ID.
@@ -52,3 +53,16 @@ def add_push_actions_to_staging_txn(
     rows = staging_rows(entries, now_ms)
     if rows:
         DatabasePool.simple_insert_many_txn(txn, "event_push_actions_staging", _COLUMNS, rows)
+
+
+def ignored_by_txn(txn: LoggingTransaction, user_ids: Collection[str]) -> dict[str, frozenset[str]]:
+    """For each of `user_ids`, the users who ignore it: what Synapse's
+    `ignored_by` reads (`ignored_users` by `ignored_user_id`), for many users
+    in one transaction (an empty set for a user nobody ignores)."""
+    found: dict[str, set[str]] = {user_id: set() for user_id in user_ids}
+    for batch in batch_iter(list(found), 500):
+        clause, args = make_in_list_sql_clause(txn.database_engine, "ignored_user_id", batch)
+        txn.execute(f"SELECT ignored_user_id, ignorer_user_id FROM ignored_users WHERE {clause}", args)
+        for ignored, ignorer in txn:
+            found[ignored].add(ignorer)
+    return {user_id: frozenset(ignorers) for user_id, ignorers in found.items()}

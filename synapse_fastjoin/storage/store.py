@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Collection, TypeVar
 
 from synapse.logging.context import make_deferred_yieldable
 from synapse.storage.database import LoggingTransaction
@@ -504,6 +504,11 @@ class FastJoinStore:
         await self._interaction(
             "fastjoin_add_push_actions_to_staging", push_actions.add_push_actions_to_staging_txn, entries, now_ms
         )
+
+    async def ignored_by(self, user_ids: Collection[str]) -> dict[str, frozenset[str]]:
+        """For each of `user_ids`, who ignores it (Synapse's `ignored_by`, for
+        many users at once)."""
+        return await self._interaction("fastjoin_ignored_by", push_actions.ignored_by_txn, user_ids)
 
     async def record_run_extremities(self, room_id: str, rows: list[tuple[str, int]]) -> None:
         await self._interaction(
