@@ -436,6 +436,10 @@ class StagedRuns:
             await self._storage.state.get_state_ids_for_group(
                 first_context.state_group_before_event, StateFilter.from_types(keys)
             )
+        # Likewise each check loads its event's auth events (the senders'
+        # memberships among them, often stored just before by the run's
+        # fetch): one read of all of them fills Synapse's event cache.
+        await self._main.get_events({a for _, ev, _ in built for a in ev.auth_event_ids()}, allow_rejected=True)
 
         outcomes: list[Exception | None] = [None] * len(built)
         # The first event that ends the run, as far as known: events after it
