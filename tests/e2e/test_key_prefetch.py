@@ -2,9 +2,12 @@
 (`resync.keys.prefetch_server_keys`), not chunk by chunk as the state reveals
 the servers that signed it."""
 
+import math
 import re
 
 import pytest_twisted
+
+from synapse_fastjoin.resync.keys import _PREFETCH_BATCH
 
 from tests.e2e.test_resync_bad_input import assert_complete, join, served, start_resident
 from tests.harness.fakehs.room import RoomSpec
@@ -25,8 +28,10 @@ async def test_keys_of_a_big_room_come_from_the_notary_at_once(synapse_factory, 
         found = re.search(r"notaries gave the keys of (\d+) of (\d+) servers in [\d.]+ s \((\d+) known already\)", j.joiner.read_log())
         assert found, "no key prefetch"
         assert int(found.group(1)) >= SPEC.servers, found.group(0)
-        # The prefetch's queries (100 servers each), and at most a couple
-        # made before it started.
-        assert served(resident, KEY_QUERY, 200) <= 3 + 2, served(resident, KEY_QUERY)
+        # The prefetch's queries (_PREFETCH_BATCH servers each: 10 of 25),
+        # and at most a couple made before it started.
+        assert served(resident, KEY_QUERY, 200) <= math.ceil((SPEC.servers + 1) / _PREFETCH_BATCH) + 2, served(
+            resident, KEY_QUERY
+        )
     finally:
         await resident.stop()
