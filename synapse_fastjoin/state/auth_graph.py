@@ -146,6 +146,12 @@ class AuthGraph:
         parents = self.parents
         return self._walk(event_ids, lambda e: () if e in stop else parents[e])
 
+    def ancestors_within(self, event_ids: Iterable[str], within: Collection[str]) -> set[str]:
+        """`event_ids` and their ancestors reachable through events of
+        `within` (the nodes Synapse's power sort walks)."""
+        parents = self.parents
+        return self._walk(event_ids, lambda e: (p for p in parents[e] if p in within))
+
     def descendants_within(self, event_ids: Iterable[str], within: Collection[str]) -> set[str]:
         """The events of `within` (an ancestor-closed set) reachable forwards
         from `event_ids` (they included, where in `within`)."""

@@ -305,7 +305,7 @@ class PartialStateResolver:
 
         # Phase 1 on its exact input: the power events of F and, as Synapse's
         # sort walks them, their ancestors in F.
-        phase1_nodes = self._walk_within(graph, power, full_conflicted)
+        phase1_nodes = graph.ancestors_within(power, full_conflicted)
         event_map: dict[str, EventBase] = {}
         await self._fetch(event_map, phase1_nodes, graph)
         base_keys: set[StateKey] = {(EventTypes.PowerLevels, "")}
@@ -313,7 +313,7 @@ class PartialStateResolver:
             base_keys.update(auth_types_for_event(room_version, event_map[event_id]))
 
         # Phase 2's events: those of F at the closure of the auth keys.
-        phase1 = set(phase1_nodes)
+        phase1 = phase1_nodes
         closure: set[StateKey] = set(auth_keys)
         todo = list(closure)
         leftover: list[str] = []
@@ -353,21 +353,6 @@ class PartialStateResolver:
             if value is not None:
                 answer[key] = value
         return answer
-
-    @staticmethod
-    def _walk_within(graph: AuthGraph, start: Iterable[str], within: Collection[str]) -> list[str]:
-        """`start` and their ancestors through events of `within`."""
-        seen: set[str] = set()
-        order: list[str] = []
-        todo = list(start)
-        while todo:
-            event_id = todo.pop()
-            if event_id in seen:
-                continue
-            seen.add(event_id)
-            order.append(event_id)
-            todo.extend(p for p in graph.parents[event_id] if p in within and p not in seen)
-        return order
 
     async def _fetch(self, event_map: dict[str, EventBase], event_ids: Iterable[str], graph: AuthGraph) -> None:
         """The events and their auth events into `event_map` (Synapse's

@@ -286,6 +286,17 @@ def test_warnings_for_bad_signatures_and_a_room_stuck_on_one_error(setup, monkey
     assert not caplog.records
 
 
+def _counter_totals(text: str, server_name: str) -> dict[str, float]:
+    """The `_total` samples of the exposition's counters for `server_name`."""
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        if f.type == "counter"
+        for s in f.samples
+        if s.labels.get("server_name") == server_name and s.name.endswith("_total")
+    }
+
+
 def test_inbound_and_retries_counters_are_exported_from_their_sources():
     """Each table-driven counter reads its own field: the inbound queue's
     totals and the retries of this process."""
@@ -300,13 +311,7 @@ def test_inbound_and_retries_counters_are_exported_from_their_sources():
         text = generate_latest(REGISTRY).decode()
     finally:
         m._COLLECTOR.remove(metrics)
-    values = {
-        s.name: s.value
-        for f in text_string_to_metric_families(text)
-        if f.type == "counter"
-        for s in f.samples
-        if s.labels.get("server_name") == "inbound.test" and s.name.endswith("_total")
-    }
+    values = _counter_totals(text, "inbound.test")
     assert values["synapse_fastjoin_inbound_events_dropped_total"] == 5
     assert values["synapse_fastjoin_inbound_events_refetched_total"] == 3
     assert values["synapse_fastjoin_inbound_events_arrived_total"] == 1
@@ -329,13 +334,7 @@ def test_partial_auth_counters_follow_the_ways_inbound_events_were_authorised():
         text = generate_latest(REGISTRY).decode()
     finally:
         m._COLLECTOR.remove(metrics)
-    values = {
-        s.name: s.value
-        for f in text_string_to_metric_families(text)
-        if f.type == "counter"
-        for s in f.samples
-        if s.labels.get("server_name") == "partial-auth.test" and s.name.endswith("_total")
-    }
+    values = _counter_totals(text, "partial-auth.test")
     assert values["synapse_fastjoin_partial_auth_unconflicted_total"] == 11
     assert values["synapse_fastjoin_partial_auth_resolved_at_auth_keys_total"] == 7
     assert values["synapse_fastjoin_partial_auth_synapse_resolutions_total"] == 2
