@@ -78,7 +78,6 @@ from synapse.api.constants import EventTypes
 from synapse.api.errors import (
     AuthError,
     PartialStateConflictError,
-    RequestSendFailed,
     SynapseError,
 )
 from synapse.event_auth import auth_types_for_event
@@ -91,6 +90,7 @@ from synapse.storage.engines import Sqlite3Engine
 from synapse.types.state import StateFilter
 from synapse.util.async_helpers import concurrently_execute
 
+from synapse_fastjoin.federation.event_auth import AuthChainFetch, fetch_auth_chains
 from synapse_fastjoin.storage.push_actions import StagedPushActions
 from synapse_fastjoin.storage.store import FastJoinStore
 
@@ -175,7 +175,6 @@ class StagedRuns:
         self._state_handler = hs.get_state_handler()
         self._state_deletion = hs.get_datastores().state_deletion
         self._federation_event_handler = hs.get_federation_event_handler()
-        self._federation_client = hs.get_federation_client()
         self._event_auth_handler = hs.get_event_auth_handler()
         self._spam_checker = hs.get_module_api_callbacks().spam_checker
         self._push_evaluator = hs.get_bulk_push_rule_evaluator()
@@ -322,11 +321,13 @@ class StagedRuns:
         at once, each missing auth event asked for once, and the chains
         persisted together: one `_auth_and_persist_outliers` for the run
         instead of one for each event (which on a busy database costs more
-        than the requests). Where two chains hold the same event, the copy of
-        the earlier event's chain is kept, as Synapse's one-at-a-time path
-        keeps the copy it stored first. An event whose auth events are still
-        missing afterwards ends the run, and Synapse's path then tries (and
-        fails) as it would have."""
+        than the requests). The events of an answer we hold exactly as
+        received are not checked again (`federation.event_auth`: Synapse's
+        path checks them, then drops them as stored). Where two chains hold
+        the same event, the copy of the earlier event's chain is kept, as
+        Synapse's one-at-a-time path keeps the copy it stored first. An
+        event whose auth events are still missing afterwards ends the run,
+        and Synapse's path then tries (and fails) as it would have."""
         covered = set(have)
         wanted: list[tuple[str, EventBase]] = []
         for origin, ev in run:
@@ -337,20 +338,13 @@ class StagedRuns:
         if not wanted:
             return
         room_id = run[0][1].room_id
-        chains: dict[str, list[EventBase]] = {}
-
-        async def fetch(item: tuple[str, EventBase]) -> None:
-            origin, ev = item
+        for _, ev in wanted:
             logger.info("Event %s refers to unknown auth events: fetching auth chain", ev.event_id)
-            try:
-                chains[ev.event_id] = await self._federation_client.get_event_auth(origin, room_id, ev.event_id)
-            except RequestSendFailed as e:
-                logger.info("Failed to get event auth from %s: %s", origin, e)
-            except Exception as e:
-                logger.warning("Failed to get auth chain for %s: %s", ev.event_id, e)
-
         started = time.monotonic()
-        await concurrently_execute(fetch, wanted, _AUTH_FETCH_CONCURRENCY)
+        fetch = AuthChainFetch()
+        chains = await fetch_auth_chains(
+            self._hs, room_id, [(origin, ev.event_id) for origin, ev in wanted], _AUTH_FETCH_CONCURRENCY, fetch
+        )
         started = phases.done("auth requests", started, within="chain")
         fetched: dict[str, EventBase] = {}
         for _, ev in wanted:
@@ -359,8 +353,9 @@ class StagedRuns:
                 if auth_event.event_id != ev.event_id:
                     fetched.setdefault(auth_event.event_id, auth_event)
         logger.info(
-            "Auth chains of %d staged events in %s: %d events from %d answers",
-            len(wanted), room_id, len(fetched), len(chains),
+            "Auth chains of %d staged events in %s: %d events from %d answers (%d of %d received checked,"
+            " the rest held as received)",
+            len(wanted), room_id, len(fetched), len(chains), fetch.checked, fetch.received,
         )
         if not fetched:
             return

@@ -37,11 +37,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from signedjson.key import get_verify_key
 from synapse.api.errors import PartialStateConflictError
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
 from synapse.logging.context import LoggingContext
+from synapse.storage.keys import FetchKeyResult
+from synapse.types import get_domain_from_id
 from twisted.internet import reactor, task
 
 from synapse_fastjoin.handlers.staged_runs import StagedRuns
@@ -53,6 +56,7 @@ from tests.harness.endsteps import (
     prepare_partial_join,
     un_partial_join,
 )
+from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key
 from tests.harness.outliers import dump_tables
 
 SERVER = "joiner.test"
@@ -162,6 +166,20 @@ def _live_events(scenario: JoinScenario) -> list[tuple[str, dict[str, Any]]]:
     for i in range(3):
         add(spec.member(9 + i), "m.room.message", text(i, "after the ban"))
     return out
+
+
+async def _store_keys(hs: SynapseHomeServer, servers: set[str]) -> None:
+    store = hs.get_datastores().main
+    # The same on both servers (the tables are compared).
+    now = 1_800_000_000_000
+    for server in sorted(servers):
+        await store.store_server_keys_response(
+            server_name=server,
+            from_server=server,
+            ts_added_ms=now,
+            verify_keys={KEY_ID: FetchKeyResult(get_verify_key(signing_key(server)), now + 10**9)},
+            response_json=server_keys_json(server, now_ms=now),
+        )
 
 
 async def _stage(hs: SynapseHomeServer, scenario: JoinScenario, live: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -283,15 +301,18 @@ async def test_runs_write_what_synapse_writes(
         await task.deferLater(reactor, 0.1)
         await prepare_partial_join(hs, scenario, leave_out=leave_out)
         if leave_out:
-            # The sending server's /event_auth: the event's auth chain.
+            # The sending server's /event_auth: the event's auth chain, as
+            # the transport gives it (its signatures are checked, with the
+            # servers' keys stored here).
+            await _store_keys(hs, {get_domain_from_id(e.sender) for e in room.by_id.values()})
+
             async def get_event_auth(
                 destination: str, room_id: str, event_id: str, asked: list[str] = fetched.setdefault(name, [])
-            ) -> list[EventBase]:
+            ) -> dict[str, Any]:
                 asked.append(event_id)
-                chain = room.auth_chain([event_id])
-                return [make_event_from_dict(room.by_id[e].as_dict(), scenario.version) for e in chain]
+                return {"auth_chain": [room.by_id[e].as_dict() for e in room.auth_chain([event_id])]}
 
-            hs.get_federation_client().get_event_auth = get_event_auth  # type: ignore[method-assign]
+            hs.get_federation_client().transport_layer.get_event_auth = get_event_auth  # type: ignore[method-assign]
         if not partial:
             await un_partial_join(hs, scenario)
             await hs.get_state_handler().update_current_state(scenario.room_id)

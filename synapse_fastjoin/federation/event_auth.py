@@ -1,0 +1,150 @@
+# Copyright (C) 2026 The synapse-fastjoin authors
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Auth chains of inbound events from their servers (`/event_auth`), with
+the copies of events we already hold left unchecked.
+
+While a room is partial, most inbound events name an auth event we do not
+hold (the sender's membership), and Synapse's `_check_event_auth` fetches
+the event's whole auth chain from the server that sent it
+(`FederationClient.get_event_auth`): it parses every event of the answer
+(`parse_events_from_pdu_json`), checks the signatures and hashes of every
+one (`_check_sigs_and_hash_for_pulled_events_and_fetch`), then persists the
+ones it does not hold (`_auth_and_persist_outliers`, which drops every event
+already stored). An answer is some two dozen events, of which all but the
+sender's membership history (the create event, power levels, join rules)
+are usually stored already: their checks decide nothing.
+
+`fetch_auth_chains` does what `get_event_auth` does for several events, but
+gives an event of an answer to the checks only when we do not hold exactly
+that event: when no stored event has its id, or when the stored one differs
+from the copy received in anything but `unsigned` (compared value for value
+and type for type, so `true` is not `1` and `1.0` is not `1`). An event left
+out is one `_auth_and_persist_outliers` would drop as stored, and its checks
+would have:
+
+- passed: the stored event is the same JSON (signatures and hashes
+  included; `unsigned` is covered by neither), and every event we store
+  passed these checks against the same signing keys (Synapse keeps a key it
+  has verified with; a key's validity is only ever extended), or is one we
+  signed ourselves;
+- so written nothing: only a failed signature check writes (a row in
+  `event_failed_pull_attempts`), and the checks of a copy that differs in any
+  way are made as before, with that row written as Synapse writes it.
+
+Every event of an answer is still parsed (a malformed one fails the whole
+answer, as in Synapse). What is saved: the signature verification, two
+canonical encodings and a content hash per stored event, and the spam
+checker and policy-server calls Synapse makes for each; in a partial-state
+room that was some twenty of every answer's two dozen events.
+`tests/unit/test_event_auth_fetch.py` hands the same answers, hostile
+copies included, to Synapse's path and to this one, and compares what
+each persists and the failure rows each writes.
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from synapse.api.errors import RequestSendFailed
+from synapse.events import EventBase
+from synapse.federation.federation_base import parse_events_from_pdu_json
+from synapse.storage.databases.main.events_worker import EventRedactBehaviour
+from synapse.util.async_helpers import concurrently_execute
+
+if TYPE_CHECKING:
+    from synapse.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same, type for type (Python's `==`
+    takes `True` for `1` and `1.0` for `1`; canonical JSON does not)."""
+    if isinstance(a, Mapping):
+        if not isinstance(b, Mapping) or len(a) != len(b):
+            return False
+        for key, value in a.items():
+            if key not in b or not same_json(value, b[key]):
+                return False
+        return True
+    if isinstance(a, (str, bytes)) or isinstance(b, (str, bytes)):
+        return type(a) is type(b) and a == b
+    if isinstance(a, Sequence):
+        if not isinstance(b, Sequence) or len(a) != len(b):
+            return False
+        return all(same_json(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def held_as_received(stored: EventBase | None, received: EventBase) -> bool:
+    """Whether `stored` is the event `received` is a copy of, byte for byte
+    but for `unsigned`."""
+    if stored is None:
+        return False
+    ours = stored.get_dict()
+    theirs = received.get_dict()
+    ours.pop("unsigned", None)
+    theirs.pop("unsigned", None)
+    return same_json(ours, theirs)
+
+
+class AuthChainFetch:
+    """What one call of `fetch_auth_chains` did (for the logs and tests)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        """Events in the answers."""
+        self.checked = 0
+        """Of them, given to Synapse's signature and hash checks."""
+
+
+async def fetch_auth_chains(
+    hs: "HomeServer",
+    room_id: str,
+    wanted: Sequence[tuple[str, str]],
+    concurrency: int,
+    stats: AuthChainFetch | None = None,
+) -> dict[str, list[EventBase]]:
+    """For each `(origin, event_id)` of `wanted`, the event's auth chain as
+    `origin` answers `/event_auth`, checked as
+    `FederationClient.get_event_auth` checks it, without the events we hold
+    exactly as received (module docstring). An event whose request or
+    answer fails is left out of the result (logged as Synapse's callers log
+    it)."""
+    federation_client = hs.get_federation_client()
+    transport = federation_client.transport_layer
+    store = hs.get_datastores().main
+    room_version = await store.get_room_version(room_id)
+    stats = stats if stats is not None else AuthChainFetch()
+    answers: dict[str, tuple[str, list[EventBase]]] = {}
+
+    async def request(item: tuple[str, str]) -> None:
+        origin, event_id = item
+        try:
+            res = await transport.get_event_auth(origin, room_id, event_id)
+            answers[event_id] = (origin, parse_events_from_pdu_json(res["auth_chain"], room_version))
+        except RequestSendFailed as e:
+            logger.info("Failed to get event auth from %s: %s", origin, e)
+        except Exception as e:
+            logger.warning("Failed to get auth chain for %s: %s", event_id, e)
+
+    await concurrently_execute(request, wanted, concurrency)
+    ids = {ev.event_id for _, chain in answers.values() for ev in chain}
+    stored = await store.get_events(ids, redact_behaviour=EventRedactBehaviour.as_is, allow_rejected=True)
+    chains: dict[str, list[EventBase]] = {}
+
+    async def check(event_id: str) -> None:
+        origin, chain = answers[event_id]
+        fresh = [ev for ev in chain if not held_as_received(stored.get(ev.event_id), ev)]
+        stats.received += len(chain)
+        stats.checked += len(fresh)
+        try:
+            chains[event_id] = await federation_client._check_sigs_and_hash_for_pulled_events_and_fetch(
+                origin, fresh, room_version=room_version
+            )
+        except Exception as e:
+            logger.warning("Failed to get auth chain for %s: %s", event_id, e)
+
+    await concurrently_execute(check, list(answers), concurrency)
+    # In the order asked for (the caller keeps the first copy of an event).
+    return {event_id: chains[event_id] for _, event_id in wanted if event_id in chains}
