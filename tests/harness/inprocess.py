@@ -5,11 +5,11 @@ every remote server is outside its federation whitelist)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from signedjson.key import generate_signing_key, write_signing_keys
+from signedjson.key import generate_signing_key, get_verify_key, write_signing_keys
 from twisted.internet import reactor
 
 from synapse.app.homeserver import SynapseHomeServer
@@ -136,3 +136,22 @@ def homeserver_on_fresh_database(
     for a test fixture."""
     with homeservers_for_fixture((name,), server_name, db_backend, tmp_path_factory, request) as made:
         yield made[name]
+
+
+async def store_fake_server_keys(hs: SynapseHomeServer, servers: Iterable[str], now_ms: int) -> None:
+    """Store the signing keys of fake servers (`tests.harness.fakehs.keys`) as
+    if fetched from each server at `now_ms`, valid for about eleven days
+    after it: their events' signatures are then checked without a fetch."""
+    from synapse.storage.keys import FetchKeyResult
+
+    from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key
+
+    store = hs.get_datastores().main
+    for server in sorted(set(servers)):
+        await store.store_server_keys_response(
+            server_name=server,
+            from_server=server,
+            ts_added_ms=now_ms,
+            verify_keys={KEY_ID: FetchKeyResult(get_verify_key(signing_key(server)), now_ms + 10**9)},
+            response_json=server_keys_json(server, now_ms=now_ms),
+        )

@@ -35,18 +35,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from signedjson.key import get_verify_key
 from synapse.api.errors import RequestSendFailed
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import EventBase
 from synapse.logging.context import LoggingContext
-from synapse.storage.keys import FetchKeyResult
 from synapse.types import get_domain_from_id
 
 from synapse_fastjoin.federation.event_auth import AuthChainFetch, fetch_auth_chains, same_json
 from tests.harness import inprocess
+from tests.harness.inprocess import store_fake_server_keys
 from tests.harness.endsteps import join_scenario, prepare_partial_join
-from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key
 
 SERVER = "joiner.test"
 
@@ -66,19 +64,6 @@ def homeservers(
 ) -> Iterator[dict[str, SynapseHomeServer]]:
     with inprocess.homeservers_for_fixture(("synapse", "module"), SERVER, db_backend, tmp_path_factory, request) as made:
         yield made
-
-
-async def _store_keys(hs: SynapseHomeServer, servers: set[str]) -> None:
-    store = hs.get_datastores().main
-    now = hs.get_clock().time_msec()
-    for server in sorted(servers):
-        await store.store_server_keys_response(
-            server_name=server,
-            from_server=server,
-            ts_added_ms=now,
-            verify_keys={KEY_ID: FetchKeyResult(get_verify_key(signing_key(server)), now + 10**9)},
-            response_json=server_keys_json(server, now_ms=now),
-        )
 
 
 def _flip_signature(pdu: dict[str, Any]) -> None:
@@ -155,7 +140,7 @@ async def test_fetch_stores_what_synapse_stores(homeservers: dict[str, SynapseHo
     fetch = AuthChainFetch()
     for name, hs in homeservers.items():
         await prepare_partial_join(hs, scenario, leave_out=left_out | {m.event_id for m in messages})
-        await _store_keys(hs, servers)
+        await store_fake_server_keys(hs, servers, hs.get_clock().time_msec())
 
         async def get_event_auth(destination: str, room_id: str, event_id: str) -> dict[str, Any]:
             if destination != get_domain_from_id(room.by_id[event_id].sender):

@@ -34,10 +34,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from signedjson.key import get_verify_key
 from signedjson.sign import sign_json
 from synapse.app.homeserver import SynapseHomeServer
-from synapse.crypto.keyring import FetchKeyResult
 from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
 from synapse.logging.context import LoggingContext
@@ -46,8 +44,9 @@ from twisted.internet import reactor, task
 from synapse_fastjoin.federation.staging import BatchStaging
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness import inprocess
+from tests.harness.inprocess import store_fake_server_keys
 from tests.harness.endsteps import JoinScenario, join_scenario, prepare_partial_join
-from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key
+from tests.harness.fakehs.keys import signing_key
 
 SERVER = "joiner.test"
 
@@ -96,19 +95,6 @@ def _pdus(scenario: JoinScenario) -> tuple[str, list[list[dict[str, Any]]]]:
     return origin, [first, second, single]
 
 
-async def _store_keys(hs: SynapseHomeServer, servers: list[str]) -> None:
-    store = hs.get_datastores().main
-    now = hs.get_clock().time_msec()
-    for server in servers:
-        await store.store_server_keys_response(
-            server_name=server,
-            from_server=server,
-            ts_added_ms=now,
-            verify_keys={KEY_ID: FetchKeyResult(get_verify_key(signing_key(server)), now + 10**9)},
-            response_json=server_keys_json(server, now_ms=now),
-        )
-
-
 async def _staging(hs: SynapseHomeServer, room_id: str) -> list[tuple[Any, ...]]:
     def txn(t: Any) -> list[tuple[Any, ...]]:
         t.execute(
@@ -134,7 +120,7 @@ async def test_staged_together_as_synapse_stages(homeservers: dict[str, SynapseH
         await hs.get_datastores().main.get_partial_state_room_resync_info()
         await task.deferLater(reactor, 0.1)
         await prepare_partial_join(hs, scenario)
-        await _store_keys(hs, scenario.room.spec.server_names())
+        await store_fake_server_keys(hs, scenario.room.spec.server_names(), hs.get_clock().time_msec())
 
         async def drop_spam(event: EventBase) -> bool:
             return "SPAM" in str(event.content.get("body", ""))

@@ -37,26 +37,24 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from signedjson.key import get_verify_key
 from synapse.api.errors import PartialStateConflictError
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
 from synapse.logging.context import LoggingContext
-from synapse.storage.keys import FetchKeyResult
 from synapse.types import get_domain_from_id
 from twisted.internet import reactor, task
 
 from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness import inprocess
+from tests.harness.inprocess import store_fake_server_keys
 from tests.harness.endsteps import (
     JoinScenario,
     join_scenario,
     prepare_partial_join,
     un_partial_join,
 )
-from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key
 from tests.harness.outliers import dump_tables
 
 SERVER = "joiner.test"
@@ -166,20 +164,6 @@ def _live_events(scenario: JoinScenario) -> list[tuple[str, dict[str, Any]]]:
     for i in range(3):
         add(spec.member(9 + i), "m.room.message", text(i, "after the ban"))
     return out
-
-
-async def _store_keys(hs: SynapseHomeServer, servers: set[str]) -> None:
-    store = hs.get_datastores().main
-    # The same on both servers (the tables are compared).
-    now = 1_800_000_000_000
-    for server in sorted(servers):
-        await store.store_server_keys_response(
-            server_name=server,
-            from_server=server,
-            ts_added_ms=now,
-            verify_keys={KEY_ID: FetchKeyResult(get_verify_key(signing_key(server)), now + 10**9)},
-            response_json=server_keys_json(server, now_ms=now),
-        )
 
 
 async def _stage(hs: SynapseHomeServer, scenario: JoinScenario, live: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -303,8 +287,11 @@ async def test_runs_write_what_synapse_writes(
         if leave_out:
             # The sending server's /event_auth: the event's auth chain, as
             # the transport gives it (its signatures are checked, with the
-            # servers' keys stored here).
-            await _store_keys(hs, {get_domain_from_id(e.sender) for e in room.by_id.values()})
+            # servers' keys stored here, the same on both servers: the
+            # tables are compared).
+            await store_fake_server_keys(
+                hs, {get_domain_from_id(e.sender) for e in room.by_id.values()}, 1_800_000_000_000
+            )
 
             async def get_event_auth(
                 destination: str, room_id: str, event_id: str, asked: list[str] = fetched.setdefault(name, [])
