@@ -11,10 +11,11 @@ transport is played here; everything from the parsed body on is real). The
 answers carry, beside the plain auth chains:
 
 - a stored event's copy with other `unsigned` fields (held as received);
-- a stored event's copy with a signature changed, one with content the
-  hashes do not cover, and one with a value of another JSON type in content
-  the redaction algorithm drops (`false` for `0`: equal in Python, not in
-  canonical JSON): Synapse's checks fail them and write failure rows;
+- a stored event's copy with a signature changed, one with content added
+  that its content hash does not match, and one with a value of another
+  JSON type in content the redaction algorithm drops (`false` for `0`: equal
+  in Python, not in canonical JSON): Synapse's checks fail them and write
+  failure rows;
 - a member's join (not stored) with a signature changed: dropped, so that
   member's message has no auth chain;
 - an event of the answer that is not valid for the room version: the whole
@@ -126,7 +127,7 @@ async def test_fetch_stores_what_synapse_stores(homeservers: dict[str, SynapseHo
         elif i == 2:
             _flip_signature(by_id[pl_id])
         elif i == 3:
-            by_id[jr_id]["content"]["org.example.extra"] = "not covered by the hashes"
+            by_id[jr_id]["content"]["org.example.extra"] = "not in the content hash"
         elif i == 4:
             by_id[counted]["content"]["org.example.count"] = False
         elif i == 5:
