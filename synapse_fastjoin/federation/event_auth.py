@@ -19,17 +19,18 @@ gives an event of an answer to the checks only when we do not hold exactly
 that event: when no stored event has its id, or when the stored one differs
 from the copy received in anything but `unsigned` (compared value for value
 and type for type, so `true` is not `1` and `1.0` is not `1`). An event left
-out is one `_auth_and_persist_outliers` would drop as stored, and its checks
-would have:
-
-- passed: the stored event is the same JSON (signatures and hashes
-  included; `unsigned` is covered by neither), and every event we store
-  passed these checks against the same signing keys (Synapse keeps a key it
-  has verified with; a key's validity is only ever extended), or is one we
-  signed ourselves;
-- so written nothing: only a failed signature check writes (a row in
-  `event_failed_pull_attempts`), and the checks of a copy that differs in any
-  way are made as before, with that row written as Synapse writes it.
+out is one `_auth_and_persist_outliers` would drop as stored, whatever its
+checks would have said: on a failed signature check Synapse falls back to
+the stored copy, which is dropped as stored too. So what is persisted is
+the same in every case. The checks themselves would have passed (the stored
+event is the same JSON, signatures and hashes included, `unsigned` being
+covered by neither, and it passed them when it was stored, or we signed it)
+unless the signing keys changed since: a later key fetch recorded a shorter
+validity, or the key can no longer be had. Only then would Synapse's path
+write one row we do not: a failed pull attempt (`event_failed_pull_attempts`)
+for an event we already hold, after a key request of its own. A copy that
+differs in any way is checked as before, its failure row written as Synapse
+writes it.
 
 Every event of an answer is still parsed (a malformed one fails the whole
 answer, as in Synapse). What is saved: the signature verification, two
