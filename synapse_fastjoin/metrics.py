@@ -181,6 +181,11 @@ RUN_COUNTERS: dict[str, tuple[str, str]] = {
         "Runs given back to Synapse's one-at-a-time path (their persistence failed, "
         "the room changed meanwhile, or an error)",
     ),
+    "synapse_fastjoin_inbound_run_auth_chains_ahead_total": (
+        "chains_ahead",
+        "Staged inbound events whose auth chains were fetched while the run before theirs was "
+        "checked and written",
+    ),
 }
 
 # Counter name -> (StagingStats field, help): /send transactions' PDUs of a

@@ -34,9 +34,10 @@ before any of them is persisted:
   that, the auth chains Synapse's `_check_event_auth` would fetch for the
   run's events, such as their senders' memberships in a partial-state room,
   are fetched for several events at once, as Synapse fetches them, and
-  stored together), is not referenced as a prev event by a stored event
-  (which would change the extremities), and does not relate
-  (`m.relates_to`) to an event of the run;
+  stored together; those of the next run are fetched while a run is
+  checked and written, `_prefetch_auth_chains`), is not referenced as a
+  prev event by a stored event (which would change the extremities), and
+  does not relate (`m.relates_to`) to an event of the run;
 - the spam checker's `should_drop_federated_event` keeps every event after
   the first (Synapse asked for the first);
 - `_check_event_auth` accepts each one, except perhaps the last: an event it
@@ -84,6 +85,7 @@ from synapse.event_auth import auth_types_for_event
 from synapse.events import EventBase, make_event_from_dict, relation_from_event
 from synapse.events.snapshot import EventContext, UnpersistedEventContext
 from synapse.federation.federation_server import pdu_process_time
+from synapse.logging.context import make_deferred_yieldable, run_in_background
 from synapse.metrics import SERVER_NAME_LABEL
 from synapse.storage._base import db_to_json
 from synapse.storage.engines import Sqlite3Engine
@@ -105,6 +107,8 @@ logger = logging.getLogger(__name__)
 _MIN_RUN = 2
 # Auth chains fetched at once for a run's events (see _fetch_missing_auth_events).
 _AUTH_FETCH_CONCURRENCY = 10
+# At most this many events whose auth chains a run refused are remembered.
+_REFUSED_KEPT = 10_000
 # A run's auth checks, and its push-rule evaluations, made at once on
 # PostgreSQL (each may hold one of the database pool's connections: Synapse's
 # default pool has 10). On SQLite, whose one connection runs every
@@ -116,6 +120,22 @@ _CHECK_CONCURRENCY_SQLITE = 1
 
 class _ExtremitiesMoved(Exception):
     """The room's forward extremities changed while a run was checked."""
+
+
+def _parse_staged(rows: list[Any], room_version: Any) -> list[tuple[str, EventBase]]:
+    """(origin, event) of staged rows (`next_staged_events`), as Synapse's
+    `get_next_staged_event_for_room` builds them."""
+    return [
+        (
+            origin,
+            make_event_from_dict(
+                event_dict=db_to_json(event_json),
+                room_version=room_version,
+                internal_metadata_dict=db_to_json(internal_metadata),
+            ),
+        )
+        for origin, _event_id, event_json, internal_metadata in rows
+    ]
 
 
 class _Phases:
@@ -150,6 +170,8 @@ class StagedRunStats:
         self.runs = 0
         self.events = 0
         self.given_back = 0
+        # Events whose auth chains were fetched ahead of their run.
+        self.chains_ahead = 0
 
 
 class StagedRuns:
@@ -164,6 +186,9 @@ class StagedRuns:
         self._gate = gate
         self.stats = StagedRunStats()
         self._ready = False
+        # Events whose auth chains came with staged events in them
+        # (`_fetch_missing_auth_events`): left to Synapse's path.
+        self._refused: set[str] = set()
 
     def _setup(self) -> None:
         # Synapse's handlers are made when first asked for: not while the
@@ -225,18 +250,7 @@ class StagedRuns:
         staged = await self._store.next_staged_events(room_id, self._run_length)
         if len(staged) < _MIN_RUN or (staged[0][0], staged[0][1]) != (origin, event.event_id):
             return False
-        candidates: list[tuple[str, EventBase]] = [(origin, event)]
-        for row_origin, _event_id, event_json, internal_metadata in staged[1:]:
-            candidates.append(
-                (
-                    row_origin,
-                    make_event_from_dict(
-                        event_dict=db_to_json(event_json),
-                        room_version=room_version,
-                        internal_metadata_dict=db_to_json(internal_metadata),
-                    ),
-                )
-            )
+        candidates = [(origin, event), *_parse_staged(staged[1:], room_version)]
         extremities = await self._main.get_latest_event_ids_in_room(room_id)
         run = await self._chain(room_id, extremities, candidates, phases)
         started = phases.done("chain", started)
@@ -245,21 +259,98 @@ class StagedRuns:
             return False
         if not await self._event_auth_handler.is_host_in_room(room_id, self._server_name):
             return False
-        checked = await self._authorised(run)
-        phases.done("checks", started)
-        if not checked:
-            return False
-        return await self._persist(room_id, extremities, checked, phases)
+        # The next run's auth chains are fetched while this one is checked
+        # and written (`_prefetch_auth_chains`); the run ends when both have.
+        ahead = run_in_background(self._prefetch_auth_chains, room_id, room_version, run)
+        try:
+            checked = await self._authorised(run)
+            phases.done("checks", started)
+            persisted = bool(checked) and await self._persist(room_id, extremities, checked, phases)
+        finally:
+            waited = time.monotonic()
+            await make_deferred_yieldable(ahead)
+            phases.done("wait for the next chains", waited)
+        if persisted:
+            logger.info(
+                "Processed a run of %d staged events in %s (%s .. %s) in %.2f s: %s",
+                len(checked),
+                room_id,
+                checked[0][1].event_id,
+                checked[-1][1].event_id,
+                phases.total(),
+                phases,
+            )
+        return persisted
 
-    async def _chain(
+    async def _prefetch_auth_chains(
+        self, room_id: str, room_version: Any, run: list[tuple[str, EventBase]]
+    ) -> None:
+        """Fetch ahead the auth chains the room's next run will need, while
+        `run` is checked and written.
+
+        The next run, if `run` is written whole, is a chain of the staged
+        events after it, on `run`'s last event. For the events of that chain
+        (as `_linked` finds it now, without asking the spam checker, which
+        the next run asks as before) with auth events we do not hold, the
+        chains are fetched and persisted as `_fetch_missing_auth_events`
+        does for a run, so that the next run finds them stored and asks no
+        server (Synapse's `_check_event_auth` fetches an event's chain when
+        it comes to the event, and finds stored what was fetched before).
+        An answer that holds an event of `run` or of that chain (other than
+        the event asked about) makes the look ahead store nothing, as it
+        makes a run's own fetch store nothing (`_fetch_missing_auth_events`).
+
+        What may differ from Synapse's path, one event at a time: the chain
+        of an event that is then not processed as the guess had it is stored
+        all the same. The events are staged, so Synapse's path processes
+        them after `run` whatever happens to it (given back, or written),
+        and fetches those chains then, unless it drops the event first: when
+        the spam checker, which kept the event when it was staged, drops it
+        when it comes up, or when it turns out already stored. Then the
+        chain (valid events of the room, checked as Synapse checks them) is
+        stored where Synapse's path would not have fetched it.
+
+        A failure only logs: the next run then fetches what it needs itself."""
+        try:
+            staged = await self._store.next_staged_events(room_id, len(run) + self._run_length)
+            if [row[1] for row in staged[: len(run)]] != [ev.event_id for _, ev in run]:
+                return
+            candidates = _parse_staged(staged[len(run) :], room_version)
+            if len(candidates) < _MIN_RUN:
+                return
+            following = await self._linked(
+                room_id, candidates, frozenset((run[-1][1].event_id,)), ask_spam_checker=False
+            )
+            if len(following) < _MIN_RUN:
+                return
+            auth_ids = {a for _, ev in following for a in ev.auth_event_ids()}
+            have = await self._main.have_seen_events(room_id, auth_ids)
+            if auth_ids <= have:
+                return
+            phases = _Phases()
+            started = time.monotonic()
+            await self._fetch_missing_auth_events(
+                following, have, phases, exclude=frozenset(ev.event_id for _, ev in run), ahead=True
+            )
+            logger.info(
+                "Auth chains ahead of a run in %s: %.2f s (%s)", room_id, time.monotonic() - started, phases
+            )
+        except Exception:
+            logger.warning("Fetching auth chains ahead of a run in %s failed", room_id, exc_info=True)
+
+    async def _linked(
         self,
         room_id: str,
-        extremities: frozenset[str],
         candidates: list[tuple[str, EventBase]],
-        phases: "_Phases",
+        first_prevs: frozenset[str],
+        ask_spam_checker: bool = True,
     ) -> list[tuple[str, EventBase]]:
-        """The longest prefix of `candidates` that is a run (module docstring),
-        apart from the auth checks."""
+        """The longest prefix of `candidates` that is a chain a run takes
+        (module docstring) and whose first event's prev events are exactly
+        `first_prevs`, apart from its auth events and the auth checks. The
+        spam checker is asked for every event after the first unless
+        `ask_spam_checker` is False (a look ahead that decides nothing,
+        `_prefetch_auth_chains`)."""
         run: list[tuple[str, EventBase]] = []
         in_run: set[str] = set()
         for i, (origin, ev) in enumerate(candidates):
@@ -269,7 +360,7 @@ class StagedRuns:
                 break
             prevs = ev.prev_event_ids()
             if i == 0:
-                if set(prevs) != set(extremities):
+                if set(prevs) != first_prevs:
                     break
             elif prevs != [run[-1][1].event_id]:
                 break
@@ -280,7 +371,7 @@ class StagedRuns:
                 self._federation_event_handler._sanity_check_event(ev)
             except SynapseError:
                 break
-            if i > 0 and await self._spam_checker.should_drop_federated_event(ev):
+            if i > 0 and ask_spam_checker and await self._spam_checker.should_drop_federated_event(ev):
                 break
             run.append((origin, ev))
             in_run.add(ev.event_id)
@@ -293,6 +384,21 @@ class StagedRuns:
             if ev.event_id in seen or ev.event_id in referenced:
                 run = run[:i]
                 break
+        return run
+
+    async def _chain(
+        self,
+        room_id: str,
+        extremities: frozenset[str],
+        candidates: list[tuple[str, EventBase]],
+        phases: "_Phases",
+    ) -> list[tuple[str, EventBase]]:
+        """The longest prefix of `candidates` that is a run (module docstring),
+        apart from the auth checks."""
+        run = await self._linked(room_id, candidates, frozenset(extremities))
+        if not run:
+            return run
+        ids = [ev.event_id for _, ev in run]
         auth_ids = {a for _, ev in run for a in ev.auth_event_ids()}
         have_auth = await self._main.have_seen_events(room_id, auth_ids)
         if not auth_ids <= have_auth:
@@ -312,7 +418,12 @@ class StagedRuns:
         return run
 
     async def _fetch_missing_auth_events(
-        self, run: list[tuple[str, EventBase]], have: set[str], phases: "_Phases"
+        self,
+        run: list[tuple[str, EventBase]],
+        have: set[str],
+        phases: "_Phases",
+        exclude: frozenset[str] = frozenset(),
+        ahead: bool = False,
     ) -> None:
         """For the run's events with auth events not stored, what Synapse's
         `_check_event_auth` does first (`_load_or_fetch_auth_events_for_event`:
@@ -327,12 +438,20 @@ class StagedRuns:
         the same event, the copy of the earlier event's chain is kept, as
         Synapse's one-at-a-time path keeps the copy it stored first. An
         event whose auth events are still missing afterwards ends the run,
-        and Synapse's path then tries (and fails) as it would have."""
+        and Synapse's path then tries (and fails) as it would have.
+
+        `exclude`: more staged events no answer may hold (the run being
+        written while the chains of the next one are fetched ahead; see
+        below). `ahead` only words the log line."""
         covered = set(have)
         wanted: list[tuple[str, EventBase]] = []
         for origin, ev in run:
             missing = set(ev.auth_event_ids()) - covered
             if missing:
+                if ev.event_id in self._refused:
+                    # Its chain came with staged events before: Synapse's
+                    # path fetches it (the run ends before it).
+                    break
                 wanted.append((origin, ev))
                 covered |= missing
         if not wanted:
@@ -346,22 +465,52 @@ class StagedRuns:
             self._hs, room_id, [(origin, ev.event_id) for origin, ev in wanted], _AUTH_FETCH_CONCURRENCY, fetch
         )
         started = phases.done("auth requests", started, within="chain")
+        # An answer that holds a staged event of the chain other than the one
+        # asked about (a hostile or broken server: auth chains hold state
+        # events only, and these are not) is not taken, nor are the answers
+        # after it: Synapse's path, one event at a time, would have stored
+        # some of those staged events by then and drop them as stored, and
+        # store others as outliers only where their own auth events had been
+        # fetched by then. The answers before it are taken; the run ends
+        # before the event it was for (its auth events still missing), and
+        # Synapse's path fetches from there one event at a time. Its chain
+        # is not asked for again by a run (`_refused`).
+        staged_ids = {ev.event_id for _, ev in run} | exclude
         fetched: dict[str, EventBase] = {}
+        taking = True
         for _, ev in wanted:
-            # The event itself may be returned; it is not processed yet.
-            for auth_event in chains.get(ev.event_id, ()):
+            answer = chains.get(ev.event_id, ())
+            refused = next(
+                (e.event_id for e in answer if e.event_id != ev.event_id and e.event_id in staged_ids), None
+            )
+            if refused is not None:
+                logger.warning(
+                    "The auth chain of %s holds the staged event %s: left to Synapse's path", ev.event_id, refused
+                )
+                if len(self._refused) >= _REFUSED_KEPT:
+                    self._refused.clear()
+                self._refused.add(ev.event_id)
+                taking = False
+            if not taking:
+                continue
+            for auth_event in answer:
+                # (The event itself may be returned: as Synapse, it is not
+                # processed yet.)
                 if auth_event.event_id != ev.event_id:
                     fetched.setdefault(auth_event.event_id, auth_event)
         logger.info(
-            "Auth chains of %d staged events in %s: %d events from %d answers (%d of %d received checked,"
+            "Auth chains of %d staged events in %s%s: %d events from %d answers (%d of %d received checked,"
             " the rest held as received)",
-            len(wanted), room_id, len(fetched), len(chains), fetch.checked, fetch.received,
+            len(wanted), room_id, " (ahead of their run)" if ahead else "", len(fetched), len(chains),
+            fetch.checked, fetch.received,
         )
         if not fetched:
             return
         try:
             await self._federation_event_handler._auth_and_persist_outliers(room_id, fetched.values())
             phases.done("auth chains stored", started, within="chain")
+            if ahead:
+                self.stats.chains_ahead += len(wanted)
         except Exception as e:
             # As Synapse's path: the events left without their auth events
             # end the run below.
@@ -563,13 +712,4 @@ class StagedRuns:
         phases.done("after", started)
         self.stats.runs += 1
         self.stats.events += len(pairs)
-        logger.info(
-            "Processed a run of %d staged events in %s (%s .. %s) in %.2f s: %s",
-            len(pairs),
-            room_id,
-            pairs[0][0].event_id,
-            pairs[-1][0].event_id,
-            phases.total(),
-            phases,
-        )
         return True

@@ -254,10 +254,22 @@ async def _stream_order(hs: SynapseHomeServer, room_id: str) -> list[Any]:
         # played here by the generated room); the runs fetch them for
         # several events at once first.
         ("12", True, "missing auth"),
+        # The same with runs of three events: the chains a run needs are
+        # fetched while the run before it is checked and written.
+        ("12", True, "missing auth ahead"),
+        # ... and the sending servers' answers hold the staged events just
+        # before and just after the one asked about (a hostile server):
+        # Synapse's path drops the one before (stored by then) and stores
+        # the one after as an outlier before it comes up.
+        ("12", True, "hostile answers"),
+        # ... only the staged event just before: for the first event of the
+        # next run, that is the last of the run being written.
+        ("12", True, "hostile answers, earlier event"),
     ],
     ids=[
         "10-full", "10-partial", "12-full", "12-partial", "12-partial-given-back", "12-full-ban-meanwhile",
-        "12-partial-missing-auth",
+        "12-partial-missing-auth", "12-partial-missing-auth-ahead", "12-partial-hostile-answers",
+        "12-partial-hostile-answers-earlier",
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -267,7 +279,10 @@ async def test_runs_write_what_synapse_writes(
     scenario = join_scenario(room_version, members=60, servers=5, local_server=SERVER)
     room = scenario.room
     leave_out: set[str] = set()
-    if give_back == "missing auth":
+    hostile = give_back is not None and give_back.startswith("hostile answers")
+    missing_auth = hostile or give_back in ("missing auth", "missing auth ahead")
+    run_length = 3 if hostile or give_back == "missing auth ahead" else 100
+    if missing_auth:
         # The joins of the senders of the first chain (not auth events of
         # anything stored).
         leave_out = {
@@ -297,7 +312,12 @@ async def test_runs_write_what_synapse_writes(
                 destination: str, room_id: str, event_id: str, asked: list[str] = fetched.setdefault(name, [])
             ) -> dict[str, Any]:
                 asked.append(event_id)
-                return {"auth_chain": [room.by_id[e].as_dict() for e in room.auth_chain([event_id])]}
+                answer = [room.by_id[e].as_dict() for e in room.auth_chain([event_id])]
+                if hostile:
+                    i = live_ids.index(event_id)
+                    around = (i - 1,) if give_back == "hostile answers, earlier event" else (i - 1, i + 1)
+                    answer += [live[j][1] for j in around if 0 <= j < len(live)]
+                return {"auth_chain": answer}
 
             hs.get_federation_client().transport_layer.get_event_auth = get_event_auth  # type: ignore[method-assign]
         if not partial:
@@ -307,6 +327,7 @@ async def test_runs_write_what_synapse_writes(
     # Made after the room is stored: they arrive after the join.
     tip = list(scenario.room.forward_extremities())
     live = _live_events(scenario)
+    live_ids = [make_event_from_dict(copy.deepcopy(d), scenario.version).event_id for _, d in live]
     # Not staged: stored by another path (below), on the join's tip. Its
     # target sends the first run's second event.
     ban_origin = scenario.room.spec.creator.split(":", 1)[1]
@@ -345,10 +366,10 @@ async def test_runs_write_what_synapse_writes(
         if name == "runs":
             fastjoin_store = FastJoinStore(hs.get_datastores().main.db_pool.runInteraction, may_migrate=True)
             await fastjoin_store.ensure_schema()
-            runs = StagedRuns(hs, fastjoin_store, 100)
+            runs = StagedRuns(hs, fastjoin_store, run_length)
             fed._fastjoin_callbacks.register_callbacks(process_staged_run=runs.process_staged_run)
             stats = runs.stats
-            if give_back == "missing auth":
+            if missing_auth:
                 handler = hs.get_federation_event_handler()
                 persist_and_notify = handler.persist_events_and_notify
 
@@ -422,14 +443,26 @@ async def test_runs_write_what_synapse_writes(
     assert orders["synapse"] == orders["runs"]
     assert not s_after["federation_inbound_events_staging"][1:]
     # Most events went through runs, several runs (not one each).
-    if give_back != "ban meanwhile":
+    if hostile:
+        # The events whose chains came with staged events went one at a
+        # time; the others in runs.
+        assert stats.runs >= 4, (stats.runs, stats.events, len(live))
+    elif give_back != "ban meanwhile":
         # With the ban, the room keeps two extremities and runs start no more.
         assert stats.runs >= 4 and stats.events >= len(live) // 2, (stats.runs, stats.events, len(live))
     assert stats.given_back == (1 if give_back in ("persist fails", "ban meanwhile") else 0)
-    if give_back == "missing auth":
+    if give_back == "missing auth ahead":
+        # Chains fetched while the run before theirs was written.
+        assert stats.chains_ahead > 0, stats.chains_ahead
+    if missing_auth:
         # Both fetched; the runs no more often than Synapse's path.
         assert fetched["synapse"] and fetched["runs"], fetched
-        assert len(fetched["runs"]) <= len(fetched["synapse"]), fetched
+        if hostile:
+            # An answer refused is asked for again by Synapse's path, once.
+            assert len(fetched["runs"]) <= 2 * len(fetched["synapse"]), fetched
+        else:
+            assert len(fetched["runs"]) <= len(fetched["synapse"]), fetched
+    if missing_auth and not hostile:
         # The first messages (whose senders' memberships were missing) went
         # as one run, not one at a time through Synapse's path.
         first_live = make_event_from_dict(copy.deepcopy(live[0][1]), scenario.version).event_id
@@ -445,3 +478,61 @@ async def test_runs_write_what_synapse_writes(
         ]
         assert soft_failed, "the banned sender's events were not soft-failed"
         assert r_after["event_json"] == s_after["event_json"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_chains_fetched_ahead_leave_the_run_being_written_alone(
+    homeservers: dict[str, SynapseHomeServer],
+) -> None:
+    """While a run is written, the chains of the next one are fetched ahead.
+    A sending server whose answer for the next run's first event holds the
+    last event of the run being written (a hostile server: auth chains hold
+    state events only) gets nothing stored from that answer or the ones
+    after it: not that event as an outlier beside its write (Synapse's path,
+    having stored it first, drops it as stored), nor the chains the answers
+    after it bring (Synapse's path would fetch them after the first one)."""
+    hs = homeservers["runs"]
+    scenario = join_scenario("12", members=60, servers=5, local_server=SERVER)
+    room = scenario.room
+    spec = room.spec
+    hs.get_federation_handler()
+    await hs.get_datastores().main.get_partial_state_room_resync_info()
+    await task.deferLater(reactor, 0.1)
+    # The senders of the next run (members 4 to 6): not stored yet.
+    leave_out = {room.current_state[("m.room.member", spec.member(i))] for i in (4, 5, 6)}
+    await prepare_partial_join(hs, scenario, leave_out=leave_out)
+    await store_fake_server_keys(hs, {get_domain_from_id(e.sender) for e in room.by_id.values()}, 1_800_000_000_000)
+    live = [
+        (
+            spec.member(i).split(":", 1)[1],
+            room.create_event(
+                spec.member(i), "m.room.message", {"msgtype": "m.text", "body": f"m {i}"}, None, 1_700_000_300_000 + i
+            ).as_dict(),
+        )
+        for i in range(1, 7)
+    ]
+    live_ids = await _stage(hs, scenario, live)
+    asked: list[str] = []
+
+    async def get_event_auth(destination: str, room_id: str, event_id: str) -> dict[str, Any]:
+        asked.append(event_id)
+        answer = [room.by_id[e].as_dict() for e in room.auth_chain([event_id])]
+        if event_id == live_ids[3]:
+            answer.append(live[2][1])
+        return {"auth_chain": answer}
+
+    hs.get_federation_client().transport_layer.get_event_auth = get_event_auth  # type: ignore[method-assign]
+    fastjoin_store = FastJoinStore(hs.get_datastores().main.db_pool.runInteraction, may_migrate=True)
+    await fastjoin_store.ensure_schema()
+    runs = StagedRuns(hs, fastjoin_store, 3)
+    runs._setup()
+    run = [(origin, make_event_from_dict(copy.deepcopy(d), scenario.version)) for origin, d in live[:3]]
+
+    await runs._prefetch_auth_chains(scenario.room_id, scenario.version, run)
+
+    store = hs.get_datastores().main
+    assert asked == live_ids[3:], asked
+    assert not await store.have_seen_events(scenario.room_id, [live_ids[2]]), "the run's event was stored"
+    assert not await store.have_seen_events(scenario.room_id, leave_out), "chains of refused answers were stored"
+    assert live_ids[3] in runs._refused
+    assert runs.stats.chains_ahead == 0
