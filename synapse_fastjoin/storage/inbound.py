@@ -20,6 +20,7 @@ Only ids, origins and timestamps are read: never the events themselves.
 from typing import Any, Iterable
 
 from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import PostgresEngine
 
 PENDING = "pending"
 RESTAGED = "restaged"
@@ -314,11 +315,32 @@ def next_staged_events_txn(txn: LoggingTransaction, room_id: str, limit: int) ->
     return [(row[0], row[1], row[2], row[3]) for row in txn]
 
 
+# Staged events deleted with one statement on PostgreSQL.
+_DELETE_BATCH = 100
+
+
 def remove_staged_events_txn(txn: LoggingTransaction, rows: Iterable[tuple[str, str]]) -> list[int]:
     """Delete the staged events (origin, event_id), as Synapse's
     `remove_received_event_from_staging` does one at a time; the
-    received_ts of each row deleted."""
+    received_ts of each row deleted (in no particular order).
+
+    On PostgreSQL a hundred rows a statement: with a statement a row, a run's
+    deletes took about 2 ms each on a server busy with a resync, a fifth of
+    the run's time."""
     received: list[int] = []
+    if isinstance(txn.database_engine, PostgresEngine):
+        pairs = list(rows)
+        for start in range(0, len(pairs), _DELETE_BATCH):
+            part = pairs[start : start + _DELETE_BATCH]
+            txn.execute(
+                "DELETE FROM federation_inbound_events_staging AS s"
+                f" USING (VALUES {', '.join('(?, ?)' for _ in part)}) AS d (origin, event_id)"
+                " WHERE s.origin = d.origin AND s.event_id = d.event_id"
+                " RETURNING s.received_ts",
+                [value for pair in part for value in pair],
+            )
+            received.extend(int(row[0]) for row in txn)
+        return received
     for origin, event_id in rows:
         txn.execute(
             "DELETE FROM federation_inbound_events_staging WHERE origin = ? AND event_id = ? RETURNING received_ts",

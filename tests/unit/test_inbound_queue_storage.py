@@ -143,3 +143,23 @@ def test_quick_check_at_arrival_touches_nothing_within_the_bound(database: Datab
     _stage(database, "$late", 2000)
     assert quick(100) == (1, 99, 2)
     assert _pending(database) == ["$e100", "$late"]
+
+
+def test_staged_events_removed_by_origin_and_id(database: Database):  # noqa: F811
+    """A run's staged events leave the staging area together (on PostgreSQL
+    a hundred a statement): exactly the (origin, event id) pairs given, each
+    row's received_ts returned once; a pair not staged is no error."""
+    for i in range(250):
+        _stage(database, f"$e{i:03}", 1000 + i)
+    # The same event from a second server: its own row.
+    _stage(database, "$e000", 2000, origin="b.org")
+    _stage(database, "$x", 3000, room=OTHER)
+    gone = [("a.org", f"$e{i:03}") for i in range(0, 250, 2)] + [("a.org", "$missing"), ("c.org", "$e001")]
+    received = database.run_sync("remove", inbound.remove_staged_events_txn, gone)
+    assert sorted(received) == [1000 + i for i in range(0, 250, 2)]
+    rows = database.execute(
+        "SELECT origin, event_id FROM federation_inbound_events_staging WHERE room_id = ? ORDER BY received_ts", ROOM
+    )
+    assert [tuple(r) for r in rows] == [("a.org", f"$e{i:03}") for i in range(1, 250, 2)] + [("b.org", "$e000")]
+    assert _staged(database, OTHER) == ["$x"]
+    assert database.run_sync("remove again", inbound.remove_staged_events_txn, gone) == []
