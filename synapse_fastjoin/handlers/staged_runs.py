@@ -297,8 +297,8 @@ class StagedRuns:
         server (Synapse's `_check_event_auth` fetches an event's chain when
         it comes to the event, and finds stored what was fetched before).
         An answer that holds an event of `run` or of that chain (other than
-        the event asked about) makes the look ahead store nothing, as it
-        makes a run's own fetch store nothing (`_fetch_missing_auth_events`).
+        the event asked about) is not taken, nor are the answers after it,
+        as in a run's own fetch (`_fetch_missing_auth_events`).
 
         What may differ from Synapse's path, one event at a time: the chain
         of an event that is then not processed as the guess had it is stored
@@ -478,6 +478,7 @@ class StagedRuns:
         staged_ids = {ev.event_id for _, ev in run} | exclude
         fetched: dict[str, EventBase] = {}
         taking = True
+        taken = 0
         for _, ev in wanted:
             answer = chains.get(ev.event_id, ())
             refused = next(
@@ -493,6 +494,7 @@ class StagedRuns:
                 taking = False
             if not taking:
                 continue
+            taken += 1
             for auth_event in answer:
                 # (The event itself may be returned: as Synapse, it is not
                 # processed yet.)
@@ -510,7 +512,7 @@ class StagedRuns:
             await self._federation_event_handler._auth_and_persist_outliers(room_id, fetched.values())
             phases.done("auth chains stored", started, within="chain")
             if ahead:
-                self.stats.chains_ahead += len(wanted)
+                self.stats.chains_ahead += taken
         except Exception as e:
             # As Synapse's path: the events left without their auth events
             # end the run below.
