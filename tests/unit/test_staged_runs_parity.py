@@ -21,7 +21,12 @@ events mix what runs take with what must end a run:
 - on room version 12, a redaction.
 
 Once more with the first run's persistence failing (given back whole to
-Synapse's path, which then processes its events one at a time).
+Synapse's path, which then processes its events one at a time); with a ban
+stored by another path while the first run is checked; with the first
+senders' memberships not stored (their auth chains fetched with
+`/event_auth`), in runs of a hundred and in runs of three (the next run's
+chains fetched while a run is written); and with sending servers whose
+answers hold staged events (left to Synapse's path).
 
 One server drains the queue with Synapse's loop alone, the other with the
 module's runs. Every table is compared row by row (stream orderings and
