@@ -312,6 +312,9 @@ class StagedRuns:
 
         A failure only logs: the next run then fetches what it needs itself."""
         try:
+            # Read again rather than kept from the run's own read: the events
+            # staged while the run's chain was found (its own requests take a
+            # second or more) are the ones the next run will start with.
             staged = await self._store.next_staged_events(room_id, len(run) + self._run_length)
             if [row[1] for row in staged[: len(run)]] != [ev.event_id for _, ev in run]:
                 return
