@@ -129,6 +129,11 @@ PROGRESS_COUNTERS: dict[str, tuple[str, str]] = {
         "Time resyncs waited after their writes while other transactions used "
         "SQLite's one database connection (resync.sqlite_yield_ratio)",
     ),
+    "synapse_fastjoin_resync_slot_wait_seconds": (
+        "slot_wait_seconds",
+        "Time resyncs' writes waited for their room's slot in Synapse's event "
+        "persistence queue while Synapse persisted other events of the room",
+    ),
     "synapse_fastjoin_resync_retries": (
         "retries",
         "Retries of resyncs after a failure (the progress field `retries`)",

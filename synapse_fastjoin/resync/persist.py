@@ -109,6 +109,9 @@ class StatePersister:
         # process already ran it on.
         self._validated: dict[str, Validation] = {}
 
+    def _count_slot_wait(self, seconds: float) -> None:
+        self._progress.slot_wait_seconds += seconds
+
     async def _write_sharing_connection(self, write: Callable[[], Awaitable[Any]]) -> None:
         self._progress.yielded_seconds += await self._connection_share.run_write(write)
 
@@ -284,7 +287,7 @@ class StatePersister:
             if self._config.bulk_writer:
                 # The same rows as Synapse's outlier persistence, in one
                 # transaction per batch (storage/bulk.py; parity-tested).
-                await persist_outliers(self._hs, self._room_id, to_persist)
+                await persist_outliers(self._hs, self._room_id, to_persist, on_slot_wait=self._count_slot_wait)
             else:
                 await self._federation_event_handler.persist_events_and_notify(
                     self._room_id, to_persist, backfilled=True

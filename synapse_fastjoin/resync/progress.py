@@ -103,6 +103,10 @@ class ResyncProgress:
     """Time the resync's writes waited for the rest of the server's
     transactions on a single database connection (SQLite;
     storage/connection_share.py)."""
+    slot_wait_seconds: float = 0.0
+    """Time the resync's writes (with the bulk writer) waited for the room's
+    slot in Synapse's event persistence queue, held meanwhile by Synapse's
+    persistence of other events of the room (live events, auth chains)."""
     # Failures.
     retries: int = 0
     last_error: str | None = None
@@ -150,6 +154,8 @@ class ResyncProgress:
         parts.extend(self._rate_and_eta())
         if self.yielded_seconds >= 0.1:
             parts.append(f"gave the database connection to other work for {self.yielded_seconds:.1f} s")
+        if self.slot_wait_seconds >= 0.1:
+            parts.append(f"waited {self.slot_wait_seconds:.1f} s for the room's persistence queue")
         if self.bad_signatures:
             parts.append(f"bad_signatures={self.bad_signatures}")
         if self.retries:

@@ -35,7 +35,7 @@ persister other than this process) is handed to Synapse's own path instead.
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from synapse.api.constants import EventTypes
@@ -88,7 +88,12 @@ def fallback_reason(hs: "HomeServer", room_id: str, events: Sequence[EventPair])
     return None
 
 
-async def persist_outliers(hs: "HomeServer", room_id: str, events: Sequence[EventPair]) -> int:
+async def persist_outliers(
+    hs: "HomeServer",
+    room_id: str,
+    events: Sequence[EventPair],
+    on_slot_wait: Callable[[float], None] | None = None,
+) -> int:
     """Persist outlier events of one room as
     `persist_events_and_notify(room_id, events, backfilled=True)` does.
 
@@ -99,6 +104,10 @@ async def persist_outliers(hs: "HomeServer", room_id: str, events: Sequence[Even
             `context.rejected` set for rejected ones; any order Synapse
             accepts (auth events before the events they authorise, or already
             stored).
+        on_slot_wait: called with the seconds the write waited for the
+            room's slot in Synapse's persistence queue (while Synapse
+            persisted other events of the room: live events, say), once
+            the slot is taken.
 
     Returns:
         The room stream position after which the events are persisted (what
@@ -120,7 +129,7 @@ async def persist_outliers(hs: "HomeServer", room_id: str, events: Sequence[Even
     async with hs.get_worker_locks_handler().acquire_read_write_lock(
         NEW_EVENT_DURING_PURGE_LOCK_NAME, room_id, write=False
     ):
-        async with _room_persistence_slot(hs, room_id):
+        async with _room_persistence_slot(hs, room_id, on_slot_wait):
             # Backfilled events take negative stream orderings from the backfill
             # stream: allocated as late as possible, as Synapse does, so the
             # stream's position waits for this transaction only.
@@ -339,22 +348,27 @@ def _count_persisted(hs: "HomeServer", events: list[EventPair]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _room_persistence_slot(hs: "HomeServer", room_id: str) -> AsyncIterator[None]:
+async def _room_persistence_slot(
+    hs: "HomeServer", room_id: str, on_wait: Callable[[float], None] | None = None
+) -> AsyncIterator[None]:
     """Hold the room's slot in Synapse's event persistence queue.
 
     Synapse persists a room's events one batch at a time (its chain cover
     index and its duplicate checks rely on it). While the slot is held,
     events Synapse is asked to persist in the room wait in its queue; when
     it is released, Synapse's processing of the queue is started if anything
-    waits.
+    waits. `on_wait` is told how long taking the slot took.
     """
     controller = hs.get_storage_controllers().persistence
     assert controller is not None
     queue = controller._event_persist_queue
     clock = hs.get_clock()
+    started = clock.time()
     while room_id in queue._currently_persisting_rooms:
         await clock.sleep(Duration(milliseconds=5))
     queue._currently_persisting_rooms.add(room_id)
+    if on_wait is not None:
+        on_wait(clock.time() - started)
     try:
         yield
     finally:

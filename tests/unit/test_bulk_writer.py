@@ -33,6 +33,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import make_event_from_dict
@@ -224,6 +226,46 @@ async def test_bulk_writer_writes_the_rows_synapse_writes(
     b_cached, b_read = await _cached_and_read(homeservers["bulk"], workload)
     assert s_cached == b_cached and s_cached
     assert s_read == b_read
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_waits_for_the_room_s_turn_and_says_how_long(
+    homeservers: dict[str, SynapseHomeServer],
+) -> None:
+    """While Synapse persists other events of the room (its persistence queue
+    holds the room), the bulk writer waits, then writes, and reports the
+    wait (the resync's progress field `slot_wait_seconds`)."""
+    hs = homeservers["bulk"]
+    workload = outlier_workload("12", members=20, servers=2, extras=False)
+    await store_room(hs, workload)
+    queue = hs.get_storage_controllers().persistence._event_persist_queue
+    waits: list[float] = []
+    first, *rest = workload.batches
+    clock = hs.get_clock()
+
+    queue._currently_persisting_rooms.add(workload.room_id)  # Synapse's, say
+    try:
+        held_since = clock.time()
+        write = defer.ensureDeferred(
+            persist_outliers(hs, workload.room_id, event_pairs(hs, workload, first), on_slot_wait=waits.append)
+        )
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not write.called and waits == [], "written while the room's turn was taken"
+        held = clock.time() - held_since
+    finally:
+        queue._currently_persisting_rooms.discard(workload.room_id)
+    await write
+    # The wait began once the write had its lock against purges (a
+    # transaction), after `held_since`, and ended after the release.
+    assert len(waits) == 1 and 0.1 <= waits[0] <= held + 0.1, (waits, held)
+    # Released after the write.
+    assert workload.room_id not in queue._currently_persisting_rooms
+    # With the room free, no wait (the slot is taken at the first look).
+    for batch in rest:
+        await persist_outliers(hs, workload.room_id, event_pairs(hs, workload, batch), on_slot_wait=waits.append)
+    assert len(waits) == len(workload.batches) and all(w < 0.05 for w in waits[1:]), waits
+    stored = await hs.get_datastores().main.have_seen_events(workload.room_id, _event_ids(workload))
+    assert stored == set(_event_ids(workload))
 
 
 def test_batched_invalidation_covers_the_caches_synapse_invalidates() -> None:

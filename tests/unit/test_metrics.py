@@ -238,6 +238,22 @@ def test_progress_line_has_rate_and_eta(monkeypatch):
     assert "rate 50 events/s" in line and "ETA 10s" in line, line
 
 
+def test_waits_for_the_room_s_persistence_queue_are_counted_and_shown(setup):
+    engine, metrics = setup
+    p = engine.start("!a:x")
+    assert "persistence queue" not in p.summary()
+    p.slot_wait_seconds = 2.25
+    assert "waited 2.2 s for the room's persistence queue" in p.summary() or (
+        "waited 2.3 s for the room's persistence queue" in p.summary()
+    )
+    assert p.as_json()["slot_wait_seconds"] == 2.25
+    assert _counter(metrics, "slot_wait_seconds") == 2.25
+    engine.end("!a:x")
+    assert _counter(metrics, "slot_wait_seconds") == 2.25
+    text = generate_latest(REGISTRY).decode()
+    assert "synapse_fastjoin_resync_slot_wait_seconds_total" in text
+
+
 def test_rate_tracker_starts_a_new_stage_on_a_new_round():
     r = RateTracker()
     assert r.update(("state", 100), 0, now=0.0) == 0
