@@ -35,6 +35,7 @@ from tests.harness.synapse import (
     SynapseServer,
     Variant,
 )
+from tests.harness.watchdog import HangWatchdog, write_to_terminal
 
 # pytest-twisted normally loads through its entry point; load it explicitly
 # only when plugin autoloading is disabled (loading it twice is an error).
@@ -220,3 +221,47 @@ def pytest_runtest_makereport(
                 (f"{label} stdout (last 50 lines)", server.stdout_tail(50) or "(empty)")
             )
     return report
+
+
+#: Seconds before pytest-timeout's limit at which the hang report is printed.
+HANG_REPORT_LEAD = 20.0
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    """The test's pytest-timeout limit in seconds (its marker, else the ini's); 0: none."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0] or 0)
+    try:
+        return float(item.config.getini("timeout") or 0)
+    except ValueError:  # no pytest-timeout: no limit, no report
+        return 0.0
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Shortly before pytest-timeout ends a hung test (and the run), print what
+    the test's coroutines wait for and its homeservers' last log lines: the
+    thread stacks pytest-timeout prints show only the reactor's poll."""
+    limit = _timeout_of(item)
+    if limit <= 0:
+        return (yield)
+
+    def server_tails() -> list[str]:
+        lines: list[str] = []
+        for server in item.stash.get(SERVERS_KEY, []):
+            lines.append(f"{server.name} {server.server_name} [{server.variant}/{server.db_backend}] homeserver.log, last 30 lines:")
+            lines += ["  " + line for line in (server.log_tail(30) or "(empty)").splitlines()]
+        return lines
+
+    delay = max(limit - HANG_REPORT_LEAD, limit * 0.9)
+    watchdog = HangWatchdog(
+        delay,
+        lambda lines: write_to_terminal(item.config, [f"{item.nodeid} is still running after {delay:.0f} s", *lines]),
+        server_tails,
+    )
+    watchdog.start()
+    try:
+        return (yield)
+    finally:
+        watchdog.cancel()
