@@ -30,12 +30,13 @@ from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
 from synapse_fastjoin.resync.engine import ResyncEngine
 from synapse_fastjoin.storage.partial_state import mark_partial_again
+from synapse_fastjoin.storage.room_turns import room_turns
 from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 15
+HOOKS_API_VERSION = 16
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -158,6 +159,9 @@ class FastJoinModule:
             on_inbound_event_staged=(
                 self.inbound_queue.on_staged if config.resync.keep_inbound_queue else None
             ),
+            # Our writes to a room's events take turns with the tasks of
+            # Synapse's persistence queue (any process that persists events).
+            persistence_turn=room_turns(api._hs).synapse_turn,
             process_staged_run=(
                 self.staged_runs.process_staged_run if config.resync.inbound_run_length else None
             ),

@@ -24,18 +24,18 @@ rows. The chain cover index is Synapse's own code too: it is computed in our
 transaction rather than in one before it.
 
 Events are persisted one room at a time, as Synapse's persistence queue
-does: the writer holds the room's slot in that queue (so Synapse's own
-persistence of live events in the room waits for it, and it for them) and
-the room's read lock against purges. A batch the writer cannot do exactly
+does: the writer takes its turn at the room with that queue's tasks
+(`storage/room_turns.py`: batches of new non-state events run beside it,
+every other task waits for it and it for them) and holds the room's read
+lock against purges. A batch the writer cannot do exactly
 as Synapse would (not outliers, state-DAG rooms, events that carry a
 transaction id, experimental features that act on persisted events, an event
 persister other than this process) is handed to Synapse's own path instead.
 """
 
-import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from synapse.api.constants import EventTypes
@@ -53,7 +53,8 @@ from synapse.storage.databases.main.events import (
 )
 from synapse.storage.engines import PostgresEngine
 from synapse.util.caches.deferred_cache import DeferredCache
-from synapse.util.duration import Duration
+
+from synapse_fastjoin.storage.room_turns import room_turn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -104,10 +105,10 @@ async def persist_outliers(
             `context.rejected` set for rejected ones; any order Synapse
             accepts (auth events before the events they authorise, or already
             stored).
-        on_slot_wait: called with the seconds the write waited for the
-            room's slot in Synapse's persistence queue (while Synapse
-            persisted other events of the room: live events, say), once
-            the slot is taken.
+        on_slot_wait: called with the seconds the write waited for its
+            turn at the room (while Synapse's persistence queue wrote what
+            cannot run beside it: state events, outliers, current state),
+            once it has it.
 
     Returns:
         The room stream position after which the events are persisted (what
@@ -129,7 +130,7 @@ async def persist_outliers(
     async with hs.get_worker_locks_handler().acquire_read_write_lock(
         NEW_EVENT_DURING_PURGE_LOCK_NAME, room_id, write=False
     ):
-        async with _room_persistence_slot(hs, room_id, on_slot_wait):
+        async with room_turn(hs, room_id, "outliers", on_slot_wait):
             # Backfilled events take negative stream orderings from the backfill
             # stream: allocated as late as possible, as Synapse does, so the
             # stream's position waits for this transaction only.
@@ -345,33 +346,3 @@ def _count_persisted(hs: "HomeServer", events: list[EventPair]) -> None:
         counts[(event.type if event.type in TRACKED_EVENT_TYPES else "*other*", origin_type)] += 1
     for (event_type, origin_type), n in counts.items():
         event_counter.labels(type=event_type, origin_type=origin_type, **{SERVER_NAME_LABEL: server_name}).inc(n)
-
-
-@contextlib.asynccontextmanager
-async def _room_persistence_slot(
-    hs: "HomeServer", room_id: str, on_wait: Callable[[float], None] | None = None
-) -> AsyncIterator[None]:
-    """Hold the room's slot in Synapse's event persistence queue.
-
-    Synapse persists a room's events one batch at a time (its chain cover
-    index and its duplicate checks rely on it). While the slot is held,
-    events Synapse is asked to persist in the room wait in its queue; when
-    it is released, Synapse's processing of the queue is started if anything
-    waits. `on_wait` is told how long taking the slot took.
-    """
-    controller = hs.get_storage_controllers().persistence
-    assert controller is not None
-    queue = controller._event_persist_queue
-    clock = hs.get_clock()
-    started = clock.time()
-    while room_id in queue._currently_persisting_rooms:
-        await clock.sleep(Duration(milliseconds=5))
-    queue._currently_persisting_rooms.add(room_id)
-    if on_wait is not None:
-        on_wait(clock.time() - started)
-    try:
-        yield
-    finally:
-        queue._currently_persisting_rooms.discard(room_id)
-        if queue._event_persist_queues.get(room_id):
-            queue._handle_queue(room_id)

@@ -50,7 +50,7 @@ from synapse.storage.databases.main.events import PersistEventsStore, SlidingSyn
 from synapse.types import UserID
 from synapse.util.iterutils import batch_iter
 
-from synapse_fastjoin.storage.bulk import _room_persistence_slot
+from synapse_fastjoin.storage.room_turns import room_turn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -94,7 +94,7 @@ async def update_current_state(hs: "HomeServer", room_id: str, chunk_size: int =
     controller = hs.get_storage_controllers().persistence
     persist_store = hs.get_datastores().persist_events
     assert controller is not None and persist_store is not None
-    async with _room_persistence_slot(hs, room_id):
+    async with room_turn(hs, room_id, "exclusive"):
         # Synapse's `_update_current_state`, up to the write.
         state = await controller._calculate_current_state(room_id)
         delta = await controller._calculate_state_delta(room_id, state)

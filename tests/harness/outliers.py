@@ -193,3 +193,29 @@ async def dump_tables(hs: SynapseHomeServer) -> dict[str, list[tuple[Any, ...]]]
         return out
 
     return await db_pool.runInteraction("bulk_test_dump_tables", txn)
+
+
+def name_chains_by_first_event(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """`tables` (as `dump_tables` gives them) with each chain id of the chain
+    cover index replaced by the chain's first event: the ids come from a
+    sequence, and which chain gets which id depends on the order of writes."""
+    chains = tables.get("event_auth_chains", [()])
+    chain_cols = chains[0]
+    first: dict[int, tuple[int, str]] = {}
+    for row in chains[1:]:
+        r = dict(zip(chain_cols, row))
+        best = first.get(r["chain_id"])
+        if best is None or r["sequence_number"] < best[0]:
+            first[r["chain_id"]] = (r["sequence_number"], r["event_id"])
+    chain_name = {chain_id: event_id for chain_id, (_, event_id) in first.items()}
+    chain_columns = ("chain_id", "origin_chain_id", "target_chain_id")
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for table, (columns, *rows) in tables.items():
+        at = [i for i, c in enumerate(columns) if c in chain_columns]
+        if at:
+            rows = [
+                tuple(chain_name.get(v, f"unknown chain {v}") if i in at else v for i, v in enumerate(row))
+                for row in rows
+            ]
+        out[table] = [columns, *rows]
+    return out

@@ -46,6 +46,7 @@ from tests.harness.outliers import (
     dump_tables,
     event_pairs,
     homeservers_on_fresh_databases,
+    name_chains_by_first_event,
     outlier_workload,
     store_room,
 )
@@ -126,28 +127,9 @@ def _canonical(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple
     """Drop volatile columns; name each chain of the chain cover index by its
     first event instead of its sequence-allocated id."""
     out: dict[str, list[tuple[Any, ...]]] = {}
-    chains = tables.get("event_auth_chains", [()])
-    chain_cols = chains[0]
-    first: dict[int, tuple[int, str]] = {}
-    for row in chains[1:]:
-        r = dict(zip(chain_cols, row))
-        best = first.get(r["chain_id"])
-        if best is None or r["sequence_number"] < best[0]:
-            first[r["chain_id"]] = (r["sequence_number"], r["event_id"])
-    chain_name = {chain_id: event_id for chain_id, (_, event_id) in first.items()}
-
-    for table, (columns, *rows) in tables.items():
+    for table, (columns, *rows) in name_chains_by_first_event(tables).items():
         keep = [i for i, c in enumerate(columns) if c not in VOLATILE_COLUMNS]
-        new_rows = []
-        for row in rows:
-            values = []
-            for i in keep:
-                value = row[i]
-                if columns[i] in ("chain_id", "origin_chain_id", "target_chain_id"):
-                    value = chain_name.get(value, f"unknown chain {value}")
-                values.append(value)
-            new_rows.append(tuple(values))
-        out[table] = [tuple(columns[i] for i in keep), *sorted(new_rows, key=repr)]
+        out[table] = [tuple(columns[i] for i in keep), *sorted((tuple(row[i] for i in keep) for row in rows), key=repr)]
     return out
 
 
