@@ -88,8 +88,12 @@ async def test_every_live_event_sent_while_partial_is_kept_and_accepted(
 
         await assert_complete(j)
         try:
+            # A run deletes its events' staging rows after persisting them:
+            # wait for both.
             await poll_until(
-                lambda: _persisted(j, resident.injected) >= LIVE, timeout=TIMEOUT, interval=1
+                lambda: _persisted(j, resident.injected) >= LIVE and _staged(j) == 0,
+                timeout=TIMEOUT,
+                interval=1,
             )
         except TimeoutError:
             pass

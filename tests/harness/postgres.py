@@ -80,8 +80,14 @@ class PostgresDatabase:
     synapse_args: dict[str, Any]
 
     def connect(self) -> psycopg2.extensions.connection:
-        """Open a new psycopg2 connection to this database (caller closes it)."""
-        return psycopg2.connect(self.dsn, connect_timeout=10)
+        """Open a new psycopg2 connection to this database (caller closes it).
+
+        A test's query runs on the reactor's thread: one that waited for a
+        lock held by a server the test has paused would hang the whole run,
+        so a lock is waited for a minute at most and a statement runs two."""
+        return psycopg2.connect(
+            self.dsn, connect_timeout=10, options="-c lock_timeout=60000 -c statement_timeout=120000"
+        )
 
 
 class PostgresAdmin:
