@@ -216,7 +216,10 @@ async def test_a_write_waits_for_the_room_s_turn_and_says_how_long(
 ) -> None:
     """While Synapse persists other events of the room (its persistence queue
     holds the room), the bulk writer waits, then writes, and reports the
-    wait (the resync's progress field `slot_wait_seconds`)."""
+    wait (the resync's progress field `slot_wait_seconds`). This HomeServer
+    has no module, so patch 0034's callback is not registered: the writer
+    holds the room in Synapse's queue itself (`synapse_holds_room`); the
+    turns with the callback are `tests/unit/test_room_turns.py`'s."""
     hs = homeservers["bulk"]
     workload = outlier_workload("12", members=20, servers=2, extras=False)
     await store_room(hs, workload)
