@@ -35,7 +35,7 @@ from tests.harness.synapse import (
     SynapseServer,
     Variant,
 )
-from tests.harness.watchdog import HangWatchdog, write_to_terminal
+from tests.harness.watchdog import HangWatchdog, arm_exit_watchdog, write_to_terminal
 
 # pytest-twisted normally loads through its entry point; load it explicitly
 # only when plugin autoloading is disabled (loading it twice is an error).
@@ -265,3 +265,30 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return (yield)
     finally:
         watchdog.cancel()
+
+
+#: Seconds the process may take to exit once the session has finished (it
+#: takes a few); then the exit watchdog reports what it waits for and ends it.
+EXIT_GRACE = float(os.environ.get("FASTJOIN_EXIT_GRACE", "120"))
+EXIT_STATUS_KEY = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Shut down the in-process HomeServers a fixture left running, while the
+    reactor still runs (their looping calls and shutdown triggers would
+    otherwise run when pytest-twisted stops it)."""
+    session.config.stash[EXIT_STATUS_KEY] = int(exitstatus)
+    from tests.harness import inprocess
+
+    errors = inprocess.shut_down_all()
+    reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    if errors and reporter is not None:
+        reporter.write_line("in-process HomeServers that did not shut down: " + "; ".join(errors), yellow=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Before pytest-twisted stops the reactor: arm the exit watchdog."""
+    if EXIT_STATUS_KEY in config.stash:  # not for --help, --collect-only errors etc.
+        arm_exit_watchdog(EXIT_GRACE, config.stash[EXIT_STATUS_KEY], config)

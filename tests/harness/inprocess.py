@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from signedjson.key import generate_signing_key, get_verify_key, write_signing_keys
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.config.homeserver import HomeServerConfig
@@ -60,7 +60,48 @@ def make_homeserver(
     )
     hs = SynapseHomeServer(server_name, config=config, reactor=reactor)
     hs.setup()
+    _live.append(hs)
     return hs
+
+
+#: Every HomeServer `make_homeserver` made that is not shut down yet.
+_live: list[SynapseHomeServer] = []
+
+
+def shut_down(hs: SynapseHomeServer) -> None:
+    """Stop what `hs` runs on the test process's one reactor and close its
+    databases (Synapse's own `HomeServer.shutdown`): its looping calls, its
+    background processes and its shutdown triggers. A HomeServer whose pool
+    was only closed goes on running its looping calls against the closed pool
+    for the rest of the session, and its "before shutdown" triggers run (and
+    may wait on that pool) when the reactor stops at the session's end.
+
+    Call it from a fixture (pytest's greenlet), not from a test's coroutine."""
+    import pytest_twisted
+
+    if hs not in _live:
+        return
+    _live.remove(hs)
+    # Bounded: a shutdown that cannot finish must fail the fixture, not hang it.
+    shutdown = defer.ensureDeferred(hs.shutdown())
+    shutdown.addTimeout(SHUTDOWN_TIMEOUT, reactor)
+    pytest_twisted.blockon(shutdown)
+
+
+#: Seconds `shut_down` waits for `HomeServer.shutdown` (it takes milliseconds).
+SHUTDOWN_TIMEOUT = 60.0
+
+
+def shut_down_all() -> list[str]:
+    """`shut_down` every HomeServer still running (the session's end); what
+    failed, a line each (the others are shut down all the same)."""
+    errors: list[str] = []
+    for hs in list(_live):
+        try:
+            shut_down(hs)
+        except Exception as e:
+            errors.append(f"{hs.hostname}: {type(e).__name__}: {e}")
+    return errors
 
 
 @contextmanager
@@ -90,7 +131,7 @@ def homeservers_on_fresh_databases(
         yield made
     finally:
         for hs in made.values():
-            hs.get_datastores().main.db_pool._db_pool.close()
+            shut_down(hs)
         if postgres_admin is not None:
             for db_name in databases:
                 postgres_admin.drop_database(db_name)

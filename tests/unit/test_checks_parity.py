@@ -29,6 +29,7 @@ soft-failure flags.
 
 import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import attr
@@ -59,7 +60,7 @@ from synapse_fastjoin.resync.checks import (
     wanted_key_ids,
 )
 from synapse_fastjoin.resync.stream import StateBodyReader
-from tests.harness.inprocess import make_homeserver
+from tests.harness.inprocess import make_homeserver, shut_down
 from tests.harness.fakehs.events import event_id as compute_event_id, finalise_event
 from tests.harness.fakehs.keys import KEY_ID, server_keys_json, signing_key, verify_key_base64
 
@@ -95,8 +96,10 @@ def _make_homeserver(data_dir: str) -> SynapseHomeServer:
 
 
 @pytest.fixture(scope="module")
-def hs(tmp_path_factory: pytest.TempPathFactory) -> SynapseHomeServer:
-    return _make_homeserver(str(tmp_path_factory.mktemp("parity-hs")))
+def hs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseHomeServer]:
+    made = _make_homeserver(str(tmp_path_factory.mktemp("parity-hs")))
+    yield made
+    shut_down(made)
 
 
 async def _store_keys(hs: SynapseHomeServer) -> None:

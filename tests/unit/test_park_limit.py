@@ -18,7 +18,7 @@ from synapse.events import EventBase, make_event_from_dict
 from synapse_fastjoin.config import parse_config
 from synapse_fastjoin.resync.persist import StatePersister
 from synapse_fastjoin.resync.progress import ResyncProgress
-from tests.harness.inprocess import make_homeserver
+from tests.harness.inprocess import make_homeserver, shut_down
 from tests.harness.sync_run import run
 
 ROOM = "!park:remote.test"
@@ -32,7 +32,7 @@ def homeserver(tmp_path) -> Iterator[SynapseHomeServer]:
     try:
         yield hs
     finally:
-        hs.get_datastores().main.db_pool._db_pool.close()
+        shut_down(hs)
 
 
 def _event(

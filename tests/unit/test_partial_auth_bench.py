@@ -35,6 +35,7 @@ from synapse.api.constants import EventTypes
 from synapse.events import make_event_from_dict
 from synapse.events.snapshot import EventContext
 
+from tests.harness.inprocess import shut_down
 from tests.unit.test_partial_auth_parity import CREATOR, Hook, Room, _make_homeserver, partial, user
 
 pytestmark = pytest.mark.skipif(
@@ -54,7 +55,8 @@ def hs_and_hook(tmp_path_factory: pytest.TempPathFactory):
     hs = _make_homeserver(str(tmp_path_factory.mktemp("partial-auth-bench")))
     hook = Hook(hs)
     hs.get_module_api().register_fastjoin_callbacks(state_for_auth_while_partial=hook)
-    return hs, hook
+    yield hs, hook
+    shut_down(hs)
 
 
 async def _persist_in_batches(hs, room: Room, start: int) -> None:

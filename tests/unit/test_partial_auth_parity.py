@@ -24,6 +24,7 @@ resolution is the one computed at the auth keys
 """
 
 import collections
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,7 +42,7 @@ from synapse_fastjoin.handlers.partial_auth import (
     PartialStateAuth,
     auth_state_from_unconflicted,
 )
-from tests.harness.inprocess import make_homeserver
+from tests.harness.inprocess import make_homeserver, shut_down
 from tests.harness.fakehs.events import finalise_event
 
 JOINER = "joiner.test"
@@ -85,11 +86,12 @@ class Hook:
 
 
 @pytest.fixture(scope="module")
-def hs_and_hook(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynapseHomeServer, Hook]:
+def hs_and_hook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynapseHomeServer, Hook]]:
     hs = _make_homeserver(str(tmp_path_factory.mktemp("partial-auth-hs")))
     hook = Hook(hs)
     hs.get_module_api().register_fastjoin_callbacks(state_for_auth_while_partial=hook)
-    return hs, hook
+    yield hs, hook
+    shut_down(hs)
 
 
 # Rooms.

@@ -12,6 +12,7 @@ module must have written the public room's joins in batches.
 """
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from synapse.events import make_event_from_dict
 from synapse_fastjoin.handlers import user_directory
 from synapse_fastjoin.handlers.user_directory import UserDirectoryBatcher
 from tests.harness.fakehs.events import finalise_event
-from tests.harness.inprocess import make_homeserver
+from tests.harness.inprocess import make_homeserver, shut_down
 
 REMOTE = "remote.example"
 OTHER = "other.example"
@@ -152,7 +153,7 @@ async def _tables(hs: SynapseHomeServer) -> dict[str, list[tuple]]:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynapseHomeServer, SynapseHomeServer, UserDirectoryBatcher]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynapseHomeServer, SynapseHomeServer, UserDirectoryBatcher]]:
     # The background loop is off (another worker would run it): the test
     # drives both handlers itself.
     extra = {"update_user_directory_from_worker": "elsewhere", "user_directory": {"enabled": True}}
@@ -160,7 +161,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynapseHomeServer
     ours = make_homeserver(str(tmp_path_factory.mktemp("userdir-module")), "test.local", extra_config=extra)
     batcher = UserDirectoryBatcher()
     ours.get_module_api().register_fastjoin_callbacks(user_directory_deltas=batcher.handle_deltas)
-    return theirs, ours, batcher
+    yield theirs, ours, batcher
+    shut_down(theirs)
+    shut_down(ours)
 
 
 @pytest.mark.parametrize("chunk", [1000, 7])
