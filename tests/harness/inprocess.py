@@ -77,7 +77,7 @@ def shut_down(hs: SynapseHomeServer) -> None:
     may wait on that pool) when the reactor stops at the session's end.
 
     Call it from a fixture (pytest's greenlet), not from a test's coroutine."""
-    import pytest_twisted
+    import pytest_twisted  # here: scripts/bench-bulk-writer imports this module outside pytest
 
     if hs not in _live:
         return
