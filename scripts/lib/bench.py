@@ -279,6 +279,42 @@ def persisted(server: SynapseServer, event_ids: list[str]) -> int:
     return len(accepted_rows(server, event_ids, "e.event_id"))
 
 
+def unstored_whereabouts(server: SynapseServer, event_ids: list[str]) -> dict[str, int]:
+    """Where the live events not stored as accepted are when the benchmark's
+    wait ends: still in Synapse's inbound staging, in the module's list of
+    events dropped past the queue's bound (by state: to fetch again,
+    fetched and queued again, failed), stored rejected or as outliers only,
+    or nowhere on the joiner (never received: the resident's sender still
+    had them, or gave up)."""
+    stored = set(r[0] for r in accepted_rows(server, event_ids, "e.event_id"))
+    missing = [e for e in event_ids if e not in stored]
+    found: dict[str, int] = {}
+    located: set[str] = set()
+    p = server.database.placeholder
+
+    def count(label: str, sql: str) -> None:
+        for i in range(0, len(missing), 500):
+            chunk = missing[i : i + 500]
+            try:
+                rows = server.database.query(sql.format(ids=",".join([p] * len(chunk))), tuple(chunk))
+            except Exception:
+                return  # (stock has no fastjoin_inbound_dropped)
+            for row in rows:
+                key = label.format(*row[1:])
+                if row[0] not in located:
+                    located.add(row[0])
+                    found[key] = found.get(key, 0) + 1
+
+    false = "FALSE" if server.database.backend == "postgres" else "0"
+    count("staged", "SELECT DISTINCT event_id FROM federation_inbound_events_staging WHERE event_id IN ({ids})")
+    count("dropped, {}", "SELECT event_id, state FROM fastjoin_inbound_dropped WHERE event_id IN ({ids})")
+    count("rejected", "SELECT event_id FROM rejections WHERE event_id IN ({ids})")
+    count("outlier", f"SELECT event_id FROM events WHERE outlier != {false} AND event_id IN ({{ids}})")
+    if missing:
+        found["nowhere"] = len(missing) - len(located)
+    return found
+
+
 def live_timings(server: SynapseServer, event_ids: list[str], full_wall_ms: int) -> dict[str, Any]:
     """How the live events fared, from the joiner's own rows: each one's lag
     from its creation at the resident (`origin_server_ts`; one machine, one
@@ -476,6 +512,7 @@ def run_one(
             if live_watch.error is not None:
                 result["live_watch_error"] = live_watch.error
             result.update(live_timings(joiner, ids, full_wall_ms))
+            result["live_unstored"] = unstored_whereabouts(joiner, ids)
             result.update(catchup_from_log(joiner))
         expected_members = fake.control("GET", "/room/members")["members"]
         result["members_match"] = joined == expected_members
@@ -649,6 +686,13 @@ def write_outputs(
     live = "" if args.grid else live_table(rows)
     if live:
         table += "\n\nLive events (issue 10):\n\n" + live
+        unstored = [r for r in results if r.get("live_unstored")]
+        if unstored:
+            table += "\n\nLive events not stored when the wait ended, and where they were:\n\n" + "\n".join(
+                f"- {r['db']} N={r['members']:,} {r['traffic']:g}/s {r['variant']} run {r.get('repeat', 0) + 1}: "
+                + ", ".join(f"{n:,} {where}" for where, n in sorted(r["live_unstored"].items()))
+                for r in unstored
+            )
     args.out.with_name(args.out.name + ".md").write_text(table + "\n")
     if final and not args.grid:
         plot(rows, args.out.with_name(args.out.name + ".png"))
@@ -733,7 +777,8 @@ def main() -> int:
                             log(f"  join {r['t_join']:.2f}s full {r['t_full']:.1f}s members {r['t_members']:.1f}s"
                                 f" (idle {fmt(r.get('t_members_idle'))}s) idle {fmt(r.get('t_idle'))}s"
                                 f" rss {r['peak_rss_mb']:.0f}MB cpu {r['cpu_s']:.0f}s p99 {r['latency_p99_ms']:.0f}ms"
-                                + (f" live {r['live_persisted']}/{r['live_injected']}" if traffic else ""))
+                                + (f" live {r['live_persisted']}/{r['live_injected']}" if traffic else "")
+                                + (f" (not stored: {r['live_unstored']})" if r.get("live_unstored") else ""))
                         if args.keep or not r["ok"]:
                             r["workdir"] = str(workdir)
                         else:
