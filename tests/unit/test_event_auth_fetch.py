@@ -84,6 +84,45 @@ async def _rows(hs: SynapseHomeServer, room_id: str) -> dict[str, list[tuple[Any
     return await hs.get_datastores().main.db_pool.runInteraction("event_auth_test_rows", txn)
 
 
+def test_a_received_text_is_parsed_once_and_checked_as_its_own() -> None:
+    """Copies with the same received text share a parse and a verdict; a
+    copy that differs in type, order or `unsigned` does not; each copy not
+    held goes to the checks as an instance of its own, equal to a parse
+    of the copy itself."""
+    from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+    from synapse.federation.federation_base import event_from_pdu_json
+
+    from synapse_fastjoin.federation.event_auth import _Parses, received_key
+
+    scenario = join_scenario("12", members=4, servers=2, local_server=SERVER, variety=False)
+    room = scenario.room
+    pl = room.by_id[room.current_state[("m.room.power_levels", "")]].as_dict()
+    assert received_key(pl) == received_key(copy.deepcopy(pl))
+    reordered = dict(reversed(list(copy.deepcopy(pl).items())))
+    assert received_key(reordered) != received_key(pl)
+    retyped = copy.deepcopy(pl)
+    retyped["depth"] = float(retyped["depth"])
+    assert received_key(retyped) != received_key(pl)
+    assert received_key({"a": float("nan")}) is None
+
+    version = KNOWN_ROOM_VERSIONS["12"]
+    parses = _Parses(version)
+    first = parses.parse_answer([copy.deepcopy(pl), copy.deepcopy(pl)])
+    second = parses.parse_answer([copy.deepcopy(pl), reordered])
+    assert first[0][1] is first[1][1] is second[0][1]
+    assert second[1][1] is not first[0][1]
+    expected = event_from_pdu_json(copy.deepcopy(pl), version)
+    handed = [parses.to_check(key, ev) for key, ev in first + second[:1]]
+    assert len({id(ev) for ev in handed}) == 3
+    for ev in handed:
+        assert ev.get_dict() == expected.get_dict()
+        assert ev.event_id == expected.event_id
+    # One comparison per text: a later stored copy does not change the verdict.
+    key, ev = first[0]
+    assert parses.held(key, expected, ev)
+    assert parses.held(key, None, ev)
+
+
 def test_same_json_is_strict() -> None:
     assert same_json({"a": [1, {"b": "c"}]}, {"a": [1, {"b": "c"}]})
     assert not same_json({"a": 0}, {"a": False})
@@ -130,7 +169,15 @@ async def test_fetch_stores_what_synapse_stores(
     for i, message in enumerate(messages):
         by_id = {e: copy.deepcopy(room.by_id[e].as_dict()) for e in room.auth_chain([message.event_id])}
         assert {create_id, pl_id, jr_id} <= set(by_id) or room_version == "12"
-        if i == 1:
+        if i == 0:
+            # Copies that other answers carry too, with the same text: the
+            # power levels with the signature answer 2 changes (checked, and
+            # failed, once per answer in Synapse's path, so twice), and the
+            # join of the fourth sender, not stored, as answer 3 has it.
+            _flip_signature(by_id[pl_id])
+            join3 = room.current_state[("m.room.member", senders[3])]
+            by_id[join3] = copy.deepcopy(room.by_id[join3].as_dict())
+        elif i == 1:
             by_id[jr_id]["unsigned"] = {"age": 1234, "replaces_state": "$planted"}
         elif i == 2:
             _flip_signature(by_id[pl_id])
@@ -205,6 +252,8 @@ async def test_fetch_stores_what_synapse_stores(
     # Failure rows for the stored events' bad copies and the bad join.
     failed = {r[1] for r in module["event_failed_pull_attempts"]}
     assert {pl_id, jr_id, counted, room.current_state[("m.room.member", senders[5])]} <= failed, failed
+    # The bad copy two answers carry was checked for each.
+    assert [r[2] for r in module["event_failed_pull_attempts"] if r[1] == pl_id] == [2]
     if read_fails:
         assert failed, "the stored copies were not read"
         assert fetch.checked == fetch.received > 0, (fetch.checked, fetch.received)
