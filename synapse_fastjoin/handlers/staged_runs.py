@@ -13,10 +13,11 @@ while it resyncs, and what a burst leaves at any time.
 Patch 0027 offers the module the next staged event first. When it heads a
 *run*, the module processes the run together and does for each event what
 `on_receive_pdu` would, with Synapse's own functions; what it saves is the
-per-event overhead around them: one staging read and one staging delete for
-the run, one `persist_events` call (one forward-extremity update, one stream
-allocation, one wake of the notifier and of the replication listeners), one
-push-rule pass.
+per-event overhead around them: one staging read for the run, one
+`persist_events` call (one forward-extremity update, one stream allocation,
+one wake of the notifier and of the replication listeners), one push-rule
+pass, and one transaction for the staging deletes and the forward-extremity
+history.
 
 A run is a chain of events that `on_receive_pdu` would take down its plain
 path, for which the outcome of processing them one after another is known
@@ -696,12 +697,6 @@ class StagedRuns:
                 logger.warning("Run of %d staged events in %s given back: %r", len(pairs), room_id, e)
             return False
         accepted = [ev for ev, context in pairs if not context.rejected]
-        if len(accepted) > 1 or (accepted and accepted[-1] is not pairs[-1][0]):
-            # The forward-extremity history, as one-at-a-time persistence
-            # writes it (storage/events.py).
-            await self._store.record_run_extremities(
-                room_id, [(ev.event_id, ev.internal_metadata.stream_ordering) for ev in accepted]
-            )
         for ev, context in pairs:
             if context.rejected:
                 continue
@@ -709,7 +704,21 @@ class StagedRuns:
                 await self._federation_event_handler._after_received_pdu_persisted(ev)
             except Exception:
                 logger.exception("Failed to handle PDU %s after persisting it", ev.event_id)
-        received = await self._store.remove_staged_events([(origin, ev.event_id) for origin, ev, _ in run])
+        # One transaction for the run's last writes: the forward-extremity
+        # history as one-at-a-time persistence writes it (storage/events.py;
+        # Synapse's batch wrote only its last accepted event's row), then the
+        # removal of its staged events, last, as in Synapse's path. After a
+        # crash between the persistence and this, the events are processed
+        # again from the staging area (and dropped as stored), and the
+        # history keeps the batch's one row.
+        history = (
+            [(ev.event_id, ev.internal_metadata.stream_ordering) for ev in accepted]
+            if len(accepted) > 1 or (accepted and accepted[-1] is not pairs[-1][0])
+            else None
+        )
+        received = await self._store.finish_run(
+            room_id, history, [(origin, ev.event_id) for origin, ev, _ in run]
+        )
         now = self._clock.time_msec()
         histogram = pdu_process_time.labels(**{SERVER_NAME_LABEL: self._server_name})
         for received_ts in received:

@@ -315,8 +315,30 @@ def next_staged_events_txn(txn: LoggingTransaction, room_id: str, limit: int) ->
     return [(row[0], row[1], row[2], row[3]) for row in txn]
 
 
-# Staged events deleted with one statement on PostgreSQL.
+# Staged events deleted with one statement.
 _DELETE_BATCH = 100
+
+
+def remove_staged_events_sql(count: int, postgres: bool) -> str:
+    """The statement that deletes `count` staged events by (origin,
+    event_id), two parameters each, returning their received_ts."""
+    values = ", ".join("(?, ?)" for _ in range(count))
+    if postgres:
+        return (
+            "DELETE FROM federation_inbound_events_staging AS s"
+            f" USING (VALUES {values}) AS d (origin, event_id)"
+            " WHERE s.origin = d.origin AND s.event_id = d.event_id"
+            " RETURNING s.received_ts"
+        )
+    # (On SQLite a row-value `IN (VALUES ...)` scans the table; this join
+    # finds each row by the unique (origin, event_id) index.)
+    return (
+        "DELETE FROM federation_inbound_events_staging WHERE rowid IN ("
+        f" SELECT s.rowid FROM (VALUES {values}) AS d"
+        " CROSS JOIN federation_inbound_events_staging AS s"
+        " ON s.origin = d.column1 AND s.event_id = d.column2"
+        ") RETURNING received_ts"
+    )
 
 
 def remove_staged_events_txn(txn: LoggingTransaction, rows: Iterable[tuple[str, str]]) -> list[int]:
@@ -324,31 +346,16 @@ def remove_staged_events_txn(txn: LoggingTransaction, rows: Iterable[tuple[str, 
     `remove_received_event_from_staging` does one at a time; the
     received_ts of each row deleted (in no particular order).
 
-    On PostgreSQL a hundred rows a statement: with a statement a row, a run's
-    deletes took about 2 ms each on a server busy with a resync, a fifth of
-    the run's time."""
+    A hundred rows a statement: with a statement a row, a run's deletes took
+    about 2 ms each on a PostgreSQL busy with a resync, a fifth of the run's
+    time, and on SQLite some 0.3 ms each of its one connection."""
     received: list[int] = []
-    if isinstance(txn.database_engine, PostgresEngine):
-        pairs = list(rows)
-        for start in range(0, len(pairs), _DELETE_BATCH):
-            part = pairs[start : start + _DELETE_BATCH]
-            txn.execute(
-                "DELETE FROM federation_inbound_events_staging AS s"
-                f" USING (VALUES {', '.join('(?, ?)' for _ in part)}) AS d (origin, event_id)"
-                " WHERE s.origin = d.origin AND s.event_id = d.event_id"
-                " RETURNING s.received_ts",
-                [value for pair in part for value in pair],
-            )
-            received.extend(int(row[0]) for row in txn)
-        return received
-    for origin, event_id in rows:
-        txn.execute(
-            "DELETE FROM federation_inbound_events_staging WHERE origin = ? AND event_id = ? RETURNING received_ts",
-            (origin, event_id),
-        )
-        row = txn.fetchone()
-        if row is not None:
-            received.append(int(row[0]))
+    pairs = list(rows)
+    postgres = isinstance(txn.database_engine, PostgresEngine)
+    for start in range(0, len(pairs), _DELETE_BATCH):
+        part = pairs[start : start + _DELETE_BATCH]
+        txn.execute(remove_staged_events_sql(len(part), postgres), [value for pair in part for value in pair])
+        received.extend(int(row[0]) for row in txn)
     return received
 
 

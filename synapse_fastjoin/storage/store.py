@@ -510,10 +510,20 @@ class FastJoinStore:
         many users at once)."""
         return await self._interaction("fastjoin_ignored_by", push_actions.ignored_by_txn, user_ids)
 
-    async def record_run_extremities(self, room_id: str, rows: list[tuple[str, int]]) -> None:
-        await self._interaction(
-            "fastjoin_record_run_extremities", events.record_run_extremities_txn, room_id, rows
-        )
+    async def finish_run(
+        self, room_id: str, extremities: list[tuple[str, int]] | None, staged: list[tuple[str, str]]
+    ) -> list[int]:
+        """A persisted run's last writes, in one transaction: its
+        forward-extremity history (`record_run_extremities_txn`, unless
+        None) and the removal of its staged events (the received_ts of each
+        row removed)."""
+
+        def txn_fn(txn: LoggingTransaction) -> list[int]:
+            if extremities is not None:
+                events.record_run_extremities_txn(txn, room_id, extremities)
+            return inbound.remove_staged_events_txn(txn, staged)
+
+        return await self._interaction("fastjoin_finish_run", txn_fn)
 
     async def count_staged(self, room_id: str) -> int:
         return await self._interaction(

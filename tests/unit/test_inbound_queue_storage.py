@@ -3,6 +3,8 @@ databases carrying Synapse's schema: what leaves a room's queue of staged
 inbound events past the bound, in which order it comes back, and what the
 admin API counts."""
 
+from synapse.storage.engines import Sqlite3Engine
+
 from synapse_fastjoin.storage import inbound
 from synapse_fastjoin.storage.schema import prepare_schema_txn
 from tests.unit.test_storage import Database, database  # noqa: F401 (fixture)
@@ -146,8 +148,8 @@ def test_quick_check_at_arrival_touches_nothing_within_the_bound(database: Datab
 
 
 def test_staged_events_removed_by_origin_and_id(database: Database):  # noqa: F811
-    """A run's staged events leave the staging area together (on PostgreSQL
-    a hundred a statement): exactly the (origin, event id) pairs given, each
+    """A run's staged events leave the staging area together (a hundred a
+    statement): exactly the (origin, event id) pairs given, each
     row's received_ts returned once; a pair not staged is no error."""
     for i in range(250):
         _stage(database, f"$e{i:03}", 1000 + i)
@@ -163,3 +165,13 @@ def test_staged_events_removed_by_origin_and_id(database: Database):  # noqa: F8
     assert [tuple(r) for r in rows] == [("a.org", f"$e{i:03}") for i in range(1, 250, 2)] + [("b.org", "$e000")]
     assert _staged(database, OTHER) == ["$x"]
     assert database.run_sync("remove again", inbound.remove_staged_events_txn, gone) == []
+    if isinstance(database.engine, Sqlite3Engine):
+        # Each row found by the (origin, event_id) index, not by a scan.
+        plan = " / ".join(
+            str(row[-1])
+            for row in database.execute(
+                "EXPLAIN QUERY PLAN " + inbound.remove_staged_events_sql(2, postgres=False), "a", "b", "c", "d"
+            )
+        )
+        assert "federation_inbound_events_staging_instance_event" in plan, plan
+        assert "SCAN federation_inbound_events_staging" not in plan and "SCAN s" not in plan, plan
