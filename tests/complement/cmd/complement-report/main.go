@@ -4,7 +4,9 @@
 //
 //	complement-report summarize -in run.json -variant patched -db sqlite \
 //	    -complement VERSION -synapse VERSION -duration SECONDS -out results/patched-sqlite.json
+//	    [-retry retry.json]   # tests that failed in -in and passed in -retry: passed on a retry
 //	complement-report summary results/patched-sqlite.json   # counts + failures; exit 1 on failure
+//	complement-report failed results/patched-sqlite.json    # the failed tests, one "package test" a line
 //	complement-report table -doc docs/complement.md results/stock-sqlite.json results/patched-sqlite.json
 //	complement-report progress -follow run.json -pid PID   # one line per finished test while PID runs
 //
@@ -41,6 +43,9 @@ type Result struct {
 	Result  string  `json:"result"` // pass, fail, skip
 	Elapsed float64 `json:"elapsed_s"`
 	Reason  string  `json:"reason,omitempty"` // skip reason, or first failure lines
+	// Failed, then passed when run again alone (scripts/complement --ci runs
+	// each failed test once more); Reason keeps the first failure.
+	Retried bool `json:"passed_on_retry,omitempty"`
 }
 
 // Run is a compact record of one run (one Synapse variant and database).
@@ -55,6 +60,7 @@ type Run struct {
 	Passed            int      `json:"passed"`
 	Failed            int      `json:"failed"`
 	Skipped           int      `json:"skipped"`
+	PassedOnRetry     int      `json:"passed_on_retry,omitempty"`
 	Incomplete        []string `json:"incomplete,omitempty"` // started, never finished (timeout/crash)
 	Tests             []Result `json:"tests"`
 }
@@ -69,6 +75,8 @@ func main() {
 		err = cmdSummarize(os.Args[2:])
 	case "summary":
 		err = cmdSummary(os.Args[2:])
+	case "failed":
+		err = cmdFailed(os.Args[2:])
 	case "table":
 		err = cmdTable(os.Args[2:])
 	case "progress":
@@ -99,6 +107,7 @@ func cmdSummarize(args []string) error {
 	sver := fs.String("synapse", "", "Synapse version")
 	dur := fs.Float64("duration", 0, "wall-clock seconds of the run")
 	sel := fs.String("selection", "", "what was run (for the record)")
+	retry := fs.String("retry", "", "test2json output of the failed tests run again (comma-separated)")
 	_ = fs.Parse(args)
 	if *in == "" || *out == "" {
 		return fmt.Errorf("summarize needs -in and -out")
@@ -108,6 +117,15 @@ func cmdSummarize(args []string) error {
 		if err := collect(path, &run); err != nil {
 			return err
 		}
+	}
+	if *retry != "" {
+		again := Run{}
+		for _, path := range strings.Split(*retry, ",") {
+			if err := collect(path, &again); err != nil {
+				return err
+			}
+		}
+		applyRetry(&run, &again)
 	}
 	sort.SliceStable(run.Tests, func(i, j int) bool {
 		if run.Tests[i].Package != run.Tests[j].Package {
@@ -119,6 +137,9 @@ func cmdSummarize(args []string) error {
 		switch r.Result {
 		case "pass":
 			run.Passed++
+			if r.Retried {
+				run.PassedOnRetry++
+			}
 		case "fail":
 			run.Failed++
 		case "skip":
@@ -280,6 +301,42 @@ func readRun(path string) (*Run, error) {
 	return &r, nil
 }
 
+// applyRetry marks the tests of run that failed and passed in again (the
+// same tests run once more) as passed on a retry. A test that failed again,
+// or did not run again, keeps its failure.
+func applyRetry(run, again *Run) {
+	passed := map[string]bool{}
+	for _, r := range again.Tests {
+		if r.Result == "pass" {
+			passed[r.Package+"\x00"+r.Test] = true
+		}
+	}
+	for i := range run.Tests {
+		r := &run.Tests[i]
+		if r.Result == "fail" && passed[r.Package+"\x00"+r.Test] {
+			r.Result = "pass"
+			r.Retried = true
+		}
+	}
+}
+
+// cmdFailed prints the failed leaf tests of a result file, "package test" a line.
+func cmdFailed(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("failed needs one result file")
+	}
+	r, err := readRun(args[0])
+	if err != nil {
+		return err
+	}
+	for _, t := range r.Tests {
+		if t.Result == "fail" {
+			fmt.Printf("%s %s\n", t.Package, t.Test)
+		}
+	}
+	return nil
+}
+
 func cmdSummary(args []string) error {
 	if len(args) != 1 {
 		return fmt.Errorf("summary needs one result file")
@@ -292,9 +349,15 @@ func cmdSummary(args []string) error {
 	for _, t := range r.Tests {
 		if t.Result == "fail" {
 			fmt.Printf("  FAIL %s %s: %s\n", t.Package, t.Test, t.Reason)
+		} else if t.Retried {
+			fmt.Printf("  PASSED ON A RETRY %s %s, after: %s\n", t.Package, t.Test, t.Reason)
 		}
 	}
-	fmt.Printf("complement: %d passed, %d failed, %d skipped\n", r.Passed, r.Failed, r.Skipped)
+	retried := ""
+	if r.PassedOnRetry > 0 {
+		retried = fmt.Sprintf(" (%d of them on a retry)", r.PassedOnRetry)
+	}
+	fmt.Printf("complement: %d passed, %d failed, %d skipped%s\n", r.Passed, r.Failed, r.Skipped, retried)
 	if r.Failed > 0 || r.Passed == 0 {
 		os.Exit(1)
 	}
