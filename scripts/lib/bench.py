@@ -284,8 +284,8 @@ def unstored_whereabouts(server: SynapseServer, event_ids: list[str]) -> dict[st
     wait ends: still in Synapse's inbound staging, in the module's list of
     events dropped past the queue's bound (by state: to fetch again,
     fetched and queued again, failed), stored rejected or as outliers only,
-    or nowhere on the joiner (never received: the resident's sender still
-    had them, or gave up)."""
+    or nowhere on the joiner (never received, or received and then dropped
+    without a record: stock Synapse's pruning of its queue)."""
     stored = set(r[0] for r in accepted_rows(server, event_ids, "e.event_id"))
     missing = [e for e in event_ids if e not in stored]
     found: dict[str, int] = {}

@@ -7,7 +7,7 @@ import (
 	"testing"
 )
 
-// stream writes test2json lines for leaf tests (name -> "pass" or "fail").
+// stream writes test2json lines for leaf tests (name -> "pass", "fail" or "skip").
 func stream(t *testing.T, dir, file string, results map[string]string) string {
 	t.Helper()
 	var b strings.Builder
@@ -25,19 +25,27 @@ func stream(t *testing.T, dir, file string, results map[string]string) string {
 	return path
 }
 
-func TestRetryPassesOnlyWhatPassedAgain(t *testing.T) {
-	dir := t.TempDir()
-	first := stream(t, dir, "first.json", map[string]string{"T/a": "pass", "T/b": "fail", "T/c": "fail", "T/d": "fail"})
-	again := stream(t, dir, "again.json", map[string]string{"T/b": "pass", "T/c": "fail"})
+// summarize runs `summarize` with args into a file of dir and reads it back.
+func summarize(t *testing.T, dir string, args ...string) *Run {
+	t.Helper()
 	out := filepath.Join(dir, "out.json")
-	if err := cmdSummarize([]string{"-in", first, "-out", out, "-retry", again}); err != nil {
+	if err := cmdSummarize(append(args, "-out", out)); err != nil {
 		t.Fatal(err)
 	}
 	r, err := readRun(out)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Passed != 2 || r.Failed != 2 || r.PassedOnRetry != 1 {
+	return r
+}
+
+func TestRetryPassesOnlyWhatPassedAgain(t *testing.T) {
+	dir := t.TempDir()
+	first := stream(t, dir, "first.json", map[string]string{"T/a": "pass", "T/b": "fail", "T/c": "fail", "T/d": "fail", "T/e": "skip"})
+	// (T/e is not retried; were it run again and passed, it stays skipped.)
+	again := stream(t, dir, "again.json", map[string]string{"T/b": "pass", "T/c": "fail", "T/e": "pass"})
+	r := summarize(t, dir, "-in", first, "-retry", again)
+	if r.Passed != 2 || r.Failed != 2 || r.Skipped != 1 || r.PassedOnRetry != 1 {
 		t.Fatalf("passed %d, failed %d, on retry %d", r.Passed, r.Failed, r.PassedOnRetry)
 	}
 	byName := map[string]Result{}
@@ -56,19 +64,15 @@ func TestRetryPassesOnlyWhatPassedAgain(t *testing.T) {
 	if a := byName["T/a"]; a.Result != "pass" || a.Retried {
 		t.Fatalf("T/a: %+v", a)
 	}
+	if e := byName["T/e"]; e.Result != "skip" || e.Retried {
+		t.Fatalf("T/e: %+v", e)
+	}
 }
 
 func TestWithoutRetryNothingChanges(t *testing.T) {
 	dir := t.TempDir()
 	first := stream(t, dir, "first.json", map[string]string{"T/a": "pass", "T/b": "fail"})
-	out := filepath.Join(dir, "out.json")
-	if err := cmdSummarize([]string{"-in", first, "-out", out}); err != nil {
-		t.Fatal(err)
-	}
-	r, err := readRun(out)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := summarize(t, dir, "-in", first)
 	if r.Passed != 1 || r.Failed != 1 || r.PassedOnRetry != 0 {
 		t.Fatalf("passed %d, failed %d, on retry %d", r.Passed, r.Failed, r.PassedOnRetry)
 	}
