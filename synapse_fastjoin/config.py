@@ -46,6 +46,15 @@ class ResyncConfig:
     SQLite's 1,000 (`storage/sqlite_wal.py`); put back, and checkpointed, when
     the last resync ends. 0: SQLite's setting is left alone."""
 
+    sqlite_multi_row_inserts: bool = True
+    """On SQLite: Synapse's batched inserts (`simple_insert_many_txn`, in
+    every transaction of the server, the engine's included) are sent as
+    multi-row statements of up to 500 rows instead of one statement per row
+    (`storage/sqlite_batch.py`, patch 0035): the same rows, without giving
+    up and taking back Python's GIL for every row, which under a busy
+    reactor cost milliseconds a row. false: Synapse's `executemany`,
+    except in the bulk writer's own transactions."""
+
     sqlite_yield_ratio: float = 0.0
     """On SQLite, where one connection runs every transaction of the server:
     after each of the resync's writes (which holds the connection for 100–300
@@ -228,6 +237,7 @@ _RESYNC_PARSERS = {
     "current_state_chunk_size": lambda key, v: _int(key, v, 0),
     "sqlite_wal_autocheckpoint": lambda key, v: _int(key, v, 0),
     "sqlite_yield_ratio": lambda key, v: _number(key, v, 0),
+    "sqlite_multi_row_inserts": lambda key, v: _bool(key, v),
     "check_threads": lambda key, v: _int(key, v, 1),
     "check_processes": lambda key, v: _int(key, v, 0),
     "check_process_min_events": lambda key, v: _int(key, v, 1),

@@ -29,6 +29,7 @@ from synapse_fastjoin.handlers.user_directory import UserDirectoryBatcher
 from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
 from synapse_fastjoin.resync.engine import ResyncEngine
+from synapse_fastjoin.storage import sqlite_batch
 from synapse_fastjoin.storage.partial_state import mark_partial_again
 from synapse_fastjoin.storage.room_turns import room_turns
 from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
@@ -36,7 +37,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 16
+HOOKS_API_VERSION = 17
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -70,6 +71,10 @@ class FastJoinModule:
         self.store = FastJoinStore(
             api.run_db_interaction, may_migrate=self._is_main_process
         )
+
+        # On SQLite, batched inserts as multi-row statements (any process).
+        if config.resync.sqlite_multi_row_inserts and sqlite_batch.install(api._hs):
+            logger.info("SQLite: batched inserts are sent as multi-row statements (patch 0035)")
 
         # Partial-state rooms' inbound queues: kept whole and bounded.
         self.inbound_queue = InboundQueue(

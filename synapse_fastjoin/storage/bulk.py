@@ -55,6 +55,7 @@ from synapse.storage.engines import PostgresEngine
 from synapse.util.caches.deferred_cache import DeferredCache
 
 from synapse_fastjoin.storage.room_turns import room_turn
+from synapse_fastjoin.storage.sqlite_batch import MultiRowTransaction
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -170,6 +171,9 @@ def persist_outliers_txn(
 
     Stream orderings must be set on the events.
     """
+    # On SQLite, every multi-row insert below (Synapse's functions' too) as a
+    # few statements rather than one step per row (storage/sqlite_batch.py).
+    txn = MultiRowTransaction.wrap(txn)
     main = persist_store.store
     db_pool = persist_store.db_pool
 

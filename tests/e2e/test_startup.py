@@ -54,6 +54,9 @@ def test_module_starts_with_empty_config_and_creates_its_tables(
     server = synapse_factory(variant="patched", db=db_backend, config=_modules({}))
     # The schema is created by a background process right after start-up.
     assert _wait_for_schema_version(server) == [(SCHEMA_VERSION,)]
+    # On SQLite, patch 0035's hook is installed (resync.sqlite_multi_row_inserts).
+    multi_row = "batched inserts are sent as multi-row statements" in server.read_log()
+    assert multi_row == (db_backend == "sqlite")
     server.stop()
     server.start()  # a restart finds the tables and leaves them as they are
     assert _wait_for_schema_version(server) == [(SCHEMA_VERSION,)]
