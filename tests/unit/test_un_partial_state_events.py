@@ -23,11 +23,13 @@ from synapse.api.errors import StoreError
 from synapse.api.room_versions import RoomVersions
 from synapse.app.homeserver import SynapseHomeServer
 from synapse.events import make_event_from_dict
+from synapse.storage.engines import Sqlite3Engine
 
-from synapse_fastjoin.storage.partial_state import un_partial_state_events_txn
+from synapse_fastjoin.storage.partial_state import sqlite_update_state_groups_sql, un_partial_state_events_txn
 
 # Two fresh HomeServers, "synapse" and "ours", each on its own database.
 from tests.unit.test_catchup_state_groups import homeservers  # noqa: F401 (fixture)
+from tests.unit.test_storage import database  # noqa: F401 (fixture)
 
 ROOM = "!room:a.test"
 TABLES = {
@@ -189,3 +191,23 @@ async def test_a_run_naming_an_event_no_longer_partial_fails_whole(
         await _our_write(ours, _items(10))
     assert await _tables(synapse) == before
     assert await _tables(ours) == before
+
+
+def test_sqlite_update_finds_each_row_by_the_event_id_index(database):  # noqa: F811
+    """The batch's one UPDATE on SQLite looks each event up by the unique
+    event_id index, driven from its VALUES list, and never scans the table
+    (which holds every event of every room)."""
+    if not isinstance(database.engine, Sqlite3Engine):
+        pytest.skip("SQLite's statement")
+    for i in range(200):
+        database.execute("INSERT INTO event_to_state_groups (event_id, state_group) VALUES (?, ?)", f"$e{i}", i)
+    database.execute("ANALYZE")
+    plan = " / ".join(
+        str(row[-1])
+        for row in database.execute("EXPLAIN QUERY PLAN " + sqlite_update_state_groups_sql(2), "$e1", 7, "$e2", 8)
+    )
+    assert "SEARCH event_to_state_groups USING" in plan and "(event_id=?)" in plan, plan
+    assert "SCAN event_to_state_groups" not in plan, plan
+    database.execute(sqlite_update_state_groups_sql(2), "$e1", 7, "$e2", 8)
+    rows = database.execute("SELECT event_id, state_group FROM event_to_state_groups WHERE state_group IN (7, 8, 1, 2)")
+    assert sorted(tuple(r) for r in rows) == [("$e1", 7), ("$e2", 8), ("$e7", 7), ("$e8", 8)]
