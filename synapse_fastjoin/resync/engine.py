@@ -277,6 +277,9 @@ class _RoomResync:
     ) -> None:
         self._hs = hs
         self._finish_gate = finish_gate
+        # For the share of SQLite's connection (storage/connection_share.py):
+        # runs of staged live events under way in this process.
+        self._live_runs_busy = (lambda: finish_gate.runs_in_flight() > 0) if finish_gate is not None else None
         self._config = config
         self._fastjoin_store = store
         self._threadpool = threadpool
@@ -853,6 +856,7 @@ class _RoomResync:
             self._progress,
             self._threadpool,
             self._checkpool,
+            self._live_runs_busy,
         )
         state_maps = []
         # The check processes are not needed after the fetch: the end steps

@@ -23,7 +23,7 @@ we lack, build the state map) without its limits:
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
@@ -80,8 +80,10 @@ class StateFetcher:
         progress: ResyncProgress,
         threadpool: ThreadPool,
         checkpool: CheckPool | None = None,
+        live_runs_busy: Callable[[], bool] | None = None,
     ) -> None:
         self._hs = hs
+        self._live_runs_busy = live_runs_busy
         self._config = config
         self._room_id = room_id
         self._room_version = room_version
@@ -129,7 +131,8 @@ class StateFetcher:
         promised.add(event_id)
         stored = await stored_event_ids(self._store, promised)
         self._state = StatePersister(
-            self._hs, self._config, self._room_id, self._progress, promised, stored, self._rejected_ids
+            self._hs, self._config, self._room_id, self._progress, promised, stored, self._rejected_ids,
+            self._live_runs_busy,
         )
         self._progress.expected = len(self._s.missing)
         self._progress.already_stored = len(stored)

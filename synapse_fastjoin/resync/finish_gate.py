@@ -103,6 +103,10 @@ class FinishGate:
         room = self._rooms.get(room_id)
         return room.in_flight if room is not None else 0
 
+    def runs_in_flight(self) -> int:
+        """Runs checked against partial state in flight, in every room."""
+        return sum(room.in_flight for room in self._rooms.values())
+
     async def _wait(self, waiters: list["defer.Deferred[None]"], seconds: float) -> bool:
         """Waits until one of `waiters`' owners fires it, or `seconds`.
         Returns False on the timeout."""

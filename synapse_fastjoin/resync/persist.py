@@ -72,6 +72,7 @@ class StatePersister:
         promised: AbstractSet[str],
         stored: AbstractSet[str],
         rejected_ids: set[str],
+        live_runs_busy: Callable[[], bool] | None = None,
     ) -> None:
         """
         Args:
@@ -80,6 +81,9 @@ class StatePersister:
             rejected_ids: events of this resync rejected so far (shared by
                 every fetch of the resync: event objects do not carry their
                 rejection until they are read back from the database).
+            live_runs_busy: whether runs of staged live events are under way
+                (`FinishGate.runs_in_flight`), for the share of SQLite's
+                connection.
         """
         self._hs = hs
         self._config = config
@@ -102,7 +106,7 @@ class StatePersister:
         # counted as stored by the auth checks of the next batches.
         # On SQLite, each write may give the one connection back to the rest
         # of the server while it has work (resync.sqlite_yield_ratio).
-        self._connection_share = ConnectionShare(hs, config.sqlite_yield_ratio)
+        self._connection_share = ConnectionShare(hs, config.sqlite_yield_ratio, live_runs_busy)
         self._writes = OrderedWrites(self._write_sharing_connection)
         self._in_flight: dict[str, EventBase] = {}
         # `validate_event_for_room_version`'s outcome for events a check

@@ -113,3 +113,44 @@ async def test_every_live_event_sent_while_partial_is_kept_and_accepted(
         assert peak >= 100, f"only {peak} events were queued at once"
     finally:
         await resident.stop()
+
+
+SHARED_SPEC = RoomSpec(members=2000, servers=1, history=6)
+SHARED_LIVE = 600
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_events_kept_with_the_connection_shared(
+    synapse_factory, tls_files, tmp_path, db_backend
+):
+    """With `sqlite_yield_ratio` (storage/connection_share.py), the resync's
+    writes wait while runs of live events are in flight, at most as long as
+    each write held the connection: the live events that arrive meanwhile
+    are all stored and accepted, the resync ends with the resident's state,
+    and nothing waits without bound. Small batches make many writes, so that
+    they overlap the runs (on PostgreSQL the share is off: the same outcome)."""
+    resident = await start_resident(tls_files, tmp_path, spec=SHARED_SPEC)
+    try:
+        j = await join(synapse_factory, resident, sqlite_yield_ratio=1.0, persist_batch_size=50)
+        resident.inject(rate=100, count=SHARED_LIVE)
+        await assert_complete(j)
+        await poll_until(lambda: len(resident.injected) >= SHARED_LIVE, timeout=TIMEOUT)
+        try:
+            await poll_until(
+                lambda: _persisted(j, resident.injected) >= SHARED_LIVE and _staged(j) == 0,
+                timeout=TIMEOUT,
+                interval=1,
+            )
+        except TimeoutError:
+            pass
+        log = j.joiner.log_path.read_text()
+        shared = [line for line in log.splitlines() if "gave the database connection" in line]
+        assert "from federation queue" not in log, "the inbound queue was pruned"
+        persisted, staged = _persisted(j, resident.injected), _staged(j)
+        assert (persisted, staged) == (SHARED_LIVE, 0), (
+            f"{persisted} of {SHARED_LIVE} live events persisted, {staged} still queued;"
+            f" stored/outliers/rejected: {_breakdown(j, resident.injected)};"
+            f" the resync's give-backs: {shared[-1:] or 'none logged'}"
+        )
+    finally:
+        await resident.stop()

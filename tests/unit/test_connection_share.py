@@ -72,6 +72,7 @@ class _Timeline:
     """Who held the database connection, in order."""
 
     def __init__(self, hs: SynapseHomeServer) -> None:
+        self.hs = hs
         self.db = hs.get_datastores().main.db_pool
         self.entries: list[str] = []
 
@@ -100,16 +101,20 @@ class _Timeline:
 
 
 async def _two_writes_and(
-    hs: SynapseHomeServer, ratio: float | None, others: Callable[[_Timeline], Awaitable[None]]
+    hs: SynapseHomeServer,
+    ratio: float | None,
+    others: Callable[[_Timeline], Awaitable[None]],
+    busy: Callable[[], bool] | None = None,
 ) -> tuple[_Timeline, ConnectionShare | None]:
     """Two resync writes queued back to back (through a ConnectionShare with
-    `ratio`, or none); `others` starts while the first holds the connection."""
+    `ratio` and `busy`, or none); `others` starts while the first holds the
+    connection."""
     await _quiet(hs)
     timeline = _Timeline(hs)
     made: list[ConnectionShare] = []
 
     async def resync() -> None:
-        share = ConnectionShare(hs, ratio) if ratio is not None else None
+        share = ConnectionShare(hs, ratio, busy) if ratio is not None else None
         if share is not None:
             made.append(share)
         writes = OrderedWrites(share.run_write if share is not None else None)
@@ -148,6 +153,63 @@ async def test_sqlite_chain_runs_between_writes(homeserver: SynapseHomeServer, d
     # It gave the connection back for the chain only, not for the whole
     # time the write held it.
     assert 0 < share.paused_seconds < HOLD_S
+
+
+# A run of staged live events: its transactions are apart by more than the
+# share's idle mark, as a run's checks on the reactor keep them apart.
+GAP_S = 0.03
+SPACED = 4
+
+
+async def _spaced_chain(timeline: _Timeline, running: list[bool]) -> None:
+    running[0] = True
+    try:
+        for i in range(SPACED):
+            await timeline.small(f"s{i}")
+            await _sleep(timeline.hs, GAP_S)
+    finally:
+        running[0] = False
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_spaced_chain_needs_the_busy_signal(
+    homeserver: SynapseHomeServer, db_backend: str
+) -> None:
+    """A chain whose transactions are apart by more than the idle mark (a
+    run's checks between them): the counter alone takes the pause as over
+    at the first gap; while `busy` says the run goes on, the connection stays
+    given back until it ends."""
+    _skip_unless(db_backend, "sqlite")
+    running = [False]
+    timeline, share = await _two_writes_and(homeserver, 1.0, lambda t: _spaced_chain(t, running))
+    assert timeline.index("w2:start") < timeline.index(f"s{SPACED - 1}"), timeline.entries
+
+    timeline, share = await _two_writes_and(
+        homeserver, 1.0, lambda t: _spaced_chain(t, running), busy=lambda: running[0]
+    )
+    assert share is not None and share.pauses == 1
+    assert timeline.index("w1:end") < timeline.index("s0")
+    assert timeline.index(f"s{SPACED - 1}") < timeline.index("w2:start"), timeline.entries
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_busy_without_transactions_bounded(
+    homeserver: SynapseHomeServer, db_backend: str
+) -> None:
+    """A run that stays busy (waiting for a remote server, say) holds the
+    resync back no longer than the write held the connection, and the resync
+    gives the connection back after a write even when nobody else started a
+    transaction during it."""
+    _skip_unless(db_backend, "sqlite")
+    await _quiet(homeserver)
+    timeline = _Timeline(homeserver)
+
+    async def resync() -> float:
+        share = ConnectionShare(homeserver, 1.0, lambda: True)
+        return await share.run_write(lambda: timeline.write("w"))
+
+    waited = await _process("test_resync", resync)
+    assert HOLD_S <= waited < 1.0
 
 
 @pytest_twisted.ensureDeferred

@@ -135,3 +135,21 @@ def test_a_failing_run_still_leaves_the_flight() -> None:
     assert result[0].check(ValueError)
     assert gate.in_flight(ROOM) == 0
     assert gate._rooms == {}
+
+
+def test_runs_in_flight_counts_every_room() -> None:
+    """What the resync's share of SQLite's connection asks
+    (storage/connection_share.py): runs in flight in any room."""
+    gate = FinishGate(Clock())
+    log: list[str] = []
+    releases: list[defer.Deferred[None]] = [defer.Deferred() for _ in range(3)]
+    assert gate.runs_in_flight() == 0
+    _start(_run(gate, ROOM, releases[0], log, "a"))
+    _start(_run(gate, ROOM, releases[1], log, "b"))
+    _start(_run(gate, OTHER, releases[2], log, "c"))
+    assert gate.runs_in_flight() == 3
+    releases[0].callback(None)
+    releases[2].callback(None)
+    assert gate.runs_in_flight() == 1
+    releases[1].callback(None)
+    assert gate.runs_in_flight() == 0
