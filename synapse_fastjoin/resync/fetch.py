@@ -48,6 +48,7 @@ from synapse_fastjoin.resync.checks import (
     raw_keys,
     run_spam_checks,
 )
+from synapse_fastjoin.resync.event_cache import warn_if_state_outgrows_event_cache
 from synapse_fastjoin.resync.keys import SigningKeys
 from synapse_fastjoin.resync.policy import FetchPolicy, NoServerAnswered, NotFound
 from synapse_fastjoin.resync.progress import (
@@ -150,6 +151,7 @@ class StateFetcher:
             self._progress.already_stored,
             len(self._s.missing),
         )
+        warn_if_state_outgrows_event_cache(self._store, self._room_id, len(state_ids))
 
         try:
             unavailable = await self._fetch_missing(event_id)
