@@ -15,8 +15,8 @@ database again, on SQLite's one connection and on the reactor.
 Measured at 50,000 members with 50 live events a second (docs/benchmarks.md,
 "Synapse's event cache after a big resync"): with the default cache the
 first `/members` after the resync took 13 to 15 s and the last live events
-were stored 59 to 79 s after T_full; with room for 100,000 events, 3.4 s and
-25.5 s, for 150 MB more memory at T_full.
+were stored 59 to 79 s after T_full; with room for 100,000 events, 2.5 to
+3.4 s and 17.6 to 25.5 s (two runs), for 150 MB more memory at T_full.
 
 The module does not resize Synapse's cache itself (memory is the admin's to
 give); it says so in the log when a resync's state outgrows it.
