@@ -280,7 +280,12 @@ async def test_messages_persisted_beside_an_outlier_write_leave_what_one_after_t
             else:
                 async with _writer_gated(hs) as gate:
                     write = defer.ensureDeferred(persist_outliers(hs, scenario.room_id, pairs))
-                    await _tick()
+                    # Until the write has asked for its turn (one tick was too
+                    # short on a loaded machine).
+                    for _ in range(1000):
+                        if turns.holders(scenario.room_id) or write.called:
+                            break
+                        await _tick()
                     assert turns.holders(scenario.room_id) == ["outliers"], "the write does not hold its turn"
                     # The messages are persisted while the write holds its turn.
                     await _stage(hs, scenario, first)
@@ -296,7 +301,9 @@ async def test_messages_persisted_beside_an_outlier_write_leave_what_one_after_t
                     # it for the topic).
                     await _stage(hs, scenario, second)
                     drained = defer.ensureDeferred(_drain(hs, scenario))
-                    for _ in range(30):
+                    for _ in range(1000):
+                        if turns.waiting(scenario.room_id) or drained.called:
+                            break
                         await _tick()
                     assert not drained.called, "a state event was persisted beside the outlier write"
                     assert turns.waiting(scenario.room_id) == 1
