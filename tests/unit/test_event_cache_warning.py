@@ -41,6 +41,7 @@ def test_warns_only_when_the_state_outgrows_it(
     store = homeserver.get_datastores().main
     capacity = event_cache_capacity(store)
     assert capacity
+
     def ours() -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.name == "synapse_fastjoin.resync.event_cache"]
 
