@@ -65,6 +65,21 @@ def _staged(j):
     return j.q("SELECT COUNT(*) FROM federation_inbound_events_staging")[0][0]
 
 
+async def _wait_until_stored(j, event_ids, count):
+    """Waits (bounded) until `count` of `event_ids` are stored as accepted and
+    nothing is staged (a run deletes its events' staging rows after persisting
+    them: both); returns (stored, staged, the joiner's log) as they are then."""
+    try:
+        await poll_until(
+            lambda: _persisted(j, event_ids) >= count and _staged(j) == 0,
+            timeout=TIMEOUT,
+            interval=1,
+        )
+    except TimeoutError:
+        pass
+    return _persisted(j, event_ids), _staged(j), j.joiner.log_path.read_text()
+
+
 @pytest_twisted.ensureDeferred
 async def test_every_live_event_sent_while_partial_is_kept_and_accepted(
     synapse_factory, tls_files, tmp_path, db_backend
@@ -87,19 +102,8 @@ async def test_every_live_event_sent_while_partial_is_kept_and_accepted(
         resident.release()
 
         await assert_complete(j)
-        try:
-            # A run deletes its events' staging rows after persisting them:
-            # wait for both.
-            await poll_until(
-                lambda: _persisted(j, resident.injected) >= LIVE and _staged(j) == 0,
-                timeout=TIMEOUT,
-                interval=1,
-            )
-        except TimeoutError:
-            pass
-        log = j.joiner.log_path.read_text()
+        persisted, staged, log = await _wait_until_stored(j, resident.injected, LIVE)
         assert "from federation queue" not in log, "the inbound queue was pruned"
-        persisted, staged = _persisted(j, resident.injected), _staged(j)
         assert (persisted, staged) == (LIVE, 0), (
             f"{persisted} of {LIVE} live events persisted, {staged} still queued"
             f" (at most {peak} were queued at once); stored/outliers/rejected:"
@@ -135,18 +139,9 @@ async def test_live_events_kept_with_the_connection_shared(
         resident.inject(rate=100, count=SHARED_LIVE)
         await assert_complete(j)
         await poll_until(lambda: len(resident.injected) >= SHARED_LIVE, timeout=TIMEOUT)
-        try:
-            await poll_until(
-                lambda: _persisted(j, resident.injected) >= SHARED_LIVE and _staged(j) == 0,
-                timeout=TIMEOUT,
-                interval=1,
-            )
-        except TimeoutError:
-            pass
-        log = j.joiner.log_path.read_text()
+        persisted, staged, log = await _wait_until_stored(j, resident.injected, SHARED_LIVE)
         shared = [line for line in log.splitlines() if "gave the database connection" in line]
         assert "from federation queue" not in log, "the inbound queue was pruned"
-        persisted, staged = _persisted(j, resident.injected), _staged(j)
         assert (persisted, staged) == (SHARED_LIVE, 0), (
             f"{persisted} of {SHARED_LIVE} live events persisted, {staged} still queued;"
             f" stored/outliers/rejected: {_breakdown(j, resident.injected)};"
