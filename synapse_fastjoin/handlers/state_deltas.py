@@ -7,9 +7,13 @@ once, and Synapse's stats and presence handlers take the deltas one at a time,
 each loading a member delta's event and previous event with its own database
 fetch (`get_event(event_id, allow_none=True)`) only to read
 `content["membership"]`. Patch 0026 lets them ask for all those memberships
-first (`state_delta_memberships`); this answers with Synapse's own
-`get_events`, a chunk of events per call (one fetch from the database for a
-chunk instead of one per event), keeping only the membership strings.
+first (`state_delta_memberships`).
+
+This answers from `room_memberships` (`storage/member_rows.py`: one query per
+chunk of events, no event read, parsed or cached) wherever the row says what
+the event would, and with Synapse's own `get_events` for the rest (events
+rejected or redacted since they were stored, events with no row), a chunk of
+events per call.
 
 `get_event(event_id, allow_none=True)` is `get_events_as_list([event_id])`
 with the same defaults as `get_events` (redacted events pruned, which keeps a
@@ -26,6 +30,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Collection
 
 from synapse.api.constants import Membership
+
+from synapse_fastjoin.storage.member_rows import plain_member_rows_txn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -47,6 +53,8 @@ class StateDeltaMemberships:
         self._chunk = chunk
         self.answered = 0
         """Event ids answered (for the tests and the logs)."""
+        self.from_rows = 0
+        """Of those, answered from `room_memberships` rather than the events."""
 
     async def memberships(self, event_ids: Collection[str]) -> dict[str, str | None]:
         """For each of `event_ids`: the string `content["membership"]` of the
@@ -56,8 +64,17 @@ class StateDeltaMemberships:
         answer: dict[str, str | None] = {}
         for start in range(0, len(ids), self._chunk):
             chunk = ids[start : start + self._chunk]
-            events = await self._store.get_events(chunk)
-            for event_id in chunk:
+            rows = await self._store.db_pool.runInteraction(
+                "fastjoin_state_delta_member_rows", plain_member_rows_txn, chunk
+            )
+            for event_id, row in rows.items():
+                answer[event_id] = _KNOWN.get(row.membership, row.membership)
+            self.from_rows += len(rows)
+            rest = [event_id for event_id in chunk if event_id not in rows]
+            if not rest:
+                continue
+            events = await self._store.get_events(rest)
+            for event_id in rest:
                 event = events.get(event_id)
                 if event is None:
                     answer[event_id] = None

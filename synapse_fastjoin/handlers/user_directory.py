@@ -13,7 +13,10 @@ the values Synapse's per-delta code computes: `users_in_public_rooms` through
 Synapse's own `add_users_in_public_rooms`, the profiles through Synapse's
 batch function on PostgreSQL and, on SQLite, through
 `storage/user_directory.py`, which writes the same rows without Synapse's
-scan of the whole search table per user. Only the plainest deltas are taken
+scan of the whole search table per user. A member's membership, display name
+and avatar URL are read from `room_memberships` where its row says what the
+event would (`storage/member_rows.py`), from the events themselves otherwise.
+Only the plainest deltas are taken
 (a remote user's membership with no previous membership, in a room that is
 public): everything else, in its place in the order, goes through Synapse's
 own per-delta code, as do whole runs in a private room. A test
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from synapse.api.constants import EventTypes, Membership
 from synapse.storage.databases.main.user_directory import _UserDirProfile
 
+from synapse_fastjoin.storage.member_rows import MemberRow, plain_member_rows_txn
 from synapse_fastjoin.storage.user_directory import update_profiles_in_user_dir_txn
 
 if TYPE_CHECKING:
@@ -49,6 +53,8 @@ class UserDirectoryBatcher:
     def __init__(self) -> None:
         self.batched = 0
         """Deltas written in batches (for the tests and the logs)."""
+        self.from_rows = 0
+        """Events of those read from `room_memberships` (the same)."""
 
     async def handle_deltas(
         self, handler: "UserDirectoryHandler", deltas: list["StateDelta"], one_by_one: HandleDeltas
@@ -89,15 +95,31 @@ class UserDirectoryBatcher:
 
     async def _write_chunk(self, store: Any, room_id: str, chunk: list["StateDelta"]) -> None:
         # As `_get_key_change` and `_handle_possible_remote_profile_change`
-        # fetch each event (the same defaults: redacted events as redacted).
-        events = await store.get_events([d.event_id for d in chunk if d.event_id is not None])
+        # fetch each event (the same defaults: redacted events as redacted),
+        # from its `room_memberships` row where that says the same.
+        event_ids = [d.event_id for d in chunk if d.event_id is not None]
+        rows: dict[str, MemberRow] = await store.db_pool.runInteraction(
+            "fastjoin_user_dir_member_rows", plain_member_rows_txn, event_ids
+        )
+        self.from_rows += len(rows)
+        rest = [event_id for event_id in event_ids if event_id not in rows]
+        events = await store.get_events(rest) if rest else {}
         profiles = []
         joined = []
         for delta in chunk:
-            event = events.get(delta.event_id) if delta.event_id is not None else None
             # With no previous membership, a delta is a join for the directory
             # exactly when the event's membership is "join"; anything else
             # (no event, an invite, a leave) changes nothing there.
+            row = rows.get(delta.event_id) if delta.event_id is not None else None
+            if row is not None:
+                if row.membership != Membership.JOIN:
+                    continue
+                # The row holds `non_null_str_or_none` of the content's values,
+                # which is what `_UserDirProfile` keeps of them.
+                profiles.append(_UserDirProfile(delta.state_key, row.display_name, row.avatar_url))
+                joined.append(delta.state_key)
+                continue
+            event = events.get(delta.event_id) if delta.event_id is not None else None
             if event is None or event.content.get("membership") != Membership.JOIN:
                 continue
             profiles.append(
