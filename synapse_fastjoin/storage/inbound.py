@@ -22,6 +22,8 @@ from typing import Any, Iterable
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import PostgresEngine
 
+from synapse_fastjoin.storage.sql import select_rows_txn
+
 PENDING = "pending"
 RESTAGED = "restaged"
 ARRIVED = "arrived"
@@ -307,12 +309,13 @@ def next_staged_events_txn(txn: LoggingTransaction, room_id: str, limit: int) ->
     """The room's next `limit` staged events, in the order Synapse processes
     them (`get_next_staged_event_for_room`: oldest received first), with
     their JSON: the candidates of a run (handlers/staged_runs.py)."""
-    txn.execute(
-        "SELECT origin, event_id, event_json, internal_metadata FROM federation_inbound_events_staging"
-        " WHERE room_id = ? ORDER BY received_ts ASC LIMIT ?",
+    rows = select_rows_txn(
+        txn,
+        ("origin", "event_id", "event_json", "internal_metadata"),
+        "FROM federation_inbound_events_staging WHERE room_id = ? ORDER BY received_ts ASC LIMIT ?",
         (room_id, limit),
     )
-    return [(row[0], row[1], row[2], row[3]) for row in txn]
+    return [(row[0], row[1], row[2], row[3]) for row in rows]
 
 
 # Staged events deleted with one statement.

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 from synapse.storage.database import LoggingTransaction
 
-from synapse_fastjoin.storage.sql import in_list_batches
+from synapse_fastjoin.storage.sql import in_list_batches, select_rows_txn
 
 
 class MemberRow(NamedTuple):
@@ -50,9 +50,10 @@ def plain_member_rows_txn(txn: LoggingTransaction, event_ids: Collection[str]) -
     apply); other ids are left out."""
     rows: dict[str, MemberRow] = {}
     for batch, placeholders in in_list_batches(event_ids):
-        txn.execute(
+        found = select_rows_txn(
+            txn,
+            ("m.event_id", "m.membership", "m.display_name", "m.avatar_url"),
             f"""
-            SELECT m.event_id, m.membership, m.display_name, m.avatar_url
             FROM room_memberships AS m
             WHERE m.event_id IN ({placeholders})
               AND NOT EXISTS (SELECT 1 FROM rejections AS rej WHERE rej.event_id = m.event_id)
@@ -64,7 +65,7 @@ def plain_member_rows_txn(txn: LoggingTransaction, event_ids: Collection[str]) -
             """,
             batch,
         )
-        for event_id, membership, display_name, avatar_url in txn:
+        for event_id, membership, display_name, avatar_url in found:
             if isinstance(membership, str):
                 rows[event_id] = MemberRow(membership, display_name, avatar_url)
     return rows

@@ -1,0 +1,94 @@
+# Copyright (C) 2026 The synapse-fastjoin authors
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""`select_rows_txn` (storage/sql.py) gives the rows of the plain statement,
+in its order, with the same values, on SQLite and PostgreSQL; on SQLite as one
+row of JSON from SQLite (one step of Python's `sqlite3` instead of one a row)."""
+
+import sqlite3
+from typing import Any
+
+from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import Sqlite3Engine
+
+from synapse_fastjoin.storage import sql
+from synapse_fastjoin.storage.sql import select_rows_txn
+from tests.unit.test_sqlite_batch import _Trace
+from tests.unit.test_storage import Database, database  # noqa: F401 (fixture)
+
+TEXTS = [
+    "",
+    "plain",
+    'quotes " and \' and \\ backslashes \\u0000 as text',
+    "événement \u2603 \U0001f600",
+    "tab\tnewline\ncontrol\x01",
+    '{"looks": ["like", "json"]}',
+    "[1, 2]",
+    "null",
+    "12",
+]
+
+
+def _fill(db: Database) -> None:
+    # (No REAL column: SQLite's JSON writes 15 significant digits of one.)
+    db.execute("CREATE TABLE t (id BIGINT PRIMARY KEY, grp INTEGER, name TEXT, big BIGINT, note TEXT)")
+    texts = TEXTS + (["nul\x00inside"] if isinstance(db.engine, Sqlite3Engine) else [])  # PostgreSQL refuses NUL
+    rows = []
+    for i in range(1234):
+        rows.append(
+            (
+                i,
+                i % 3,
+                texts[i % len(texts)] + (str(i) if i % 2 else ""),
+                2**62 - i if i % 5 else -(2**62) + i,
+                None if i % 3 else f"note {i}",
+            )
+        )
+
+    def insert(txn: LoggingTransaction) -> None:
+        txn.execute_batch("INSERT INTO t (id, grp, name, big, note) VALUES (?, ?, ?, ?, ?)", rows)
+
+    db.run_sync("fill", insert)
+
+
+CASES: list[tuple[tuple[str, ...], str, tuple[Any, ...]]] = [
+    (("id", "grp", "name", "big", "note"), "FROM t ORDER BY id", ()),
+    (("name", "id"), "FROM t WHERE grp = ? ORDER BY big DESC, id LIMIT ?", (1, 300)),
+    (("t.id", "t.name || '!'", "t.note IS NULL"), "FROM t WHERE t.id IN (?, ?, ?) ORDER BY t.id DESC", (5, 500, 1000)),
+    (("COUNT(*)", "MAX(big)"), "FROM t", ()),
+    (("id",), "FROM t WHERE id < 0", ()),
+]
+
+
+def test_rows_as_the_plain_statement_gives_them(database: Database) -> None:  # noqa: F811
+    _fill(database)
+    sqlite = isinstance(database.engine, Sqlite3Engine)
+    for columns, rest, args in CASES:
+        expected = [tuple(r) for r in database.execute(f"SELECT {', '.join(columns)} {rest}", *args)]
+        with _Trace(database) as trace:
+            got = database.run_sync("select", select_rows_txn, columns, rest, args)
+        assert got == expected, (columns, rest)
+        # The same types, not only equal values (1 == 1.0 == True).
+        assert [[type(v) for v in row] for row in got] == [[type(v) for v in row] for row in expected]
+        if sqlite:
+            assert len(trace.statements) == 1 and "json_group_array" in trace.statements[0], trace.statements
+    if sqlite:
+        # Not a trivial comparison: the texts came through JSON intact.
+        names = {row[0] for row in database.run_sync("s", select_rows_txn, ("name",), "FROM t", ())}
+        assert any(name.startswith("nul\x00inside") for name in names) and "[1, 2]" in names and 'quotes " and \' and \\ backslashes \\u0000 as text' in names
+
+
+def test_sqlite_without_json_runs_the_plain_statement(database: Database, monkeypatch) -> None:  # noqa: F811
+    _fill(database)
+    monkeypatch.setattr(sql, "_SQLITE_JSON", False)
+    columns, rest, args = CASES[1]
+    expected = [tuple(r) for r in database.execute(f"SELECT {', '.join(columns)} {rest}", *args)]
+    with _Trace(database) as trace:
+        assert database.run_sync("select", select_rows_txn, columns, rest, args) == expected
+    assert not any("json_group_array" in s for s in trace.statements)
+
+
+def test_this_sqlite_has_json() -> None:
+    """The path the module takes on this machine's SQLite is the JSON one."""
+    assert sql._SQLITE_JSON == (sqlite3.sqlite_version_info >= (3, 38, 0))
+    conn = sqlite3.connect(":memory:")
+    assert conn.execute("SELECT json_group_array(json_array(1, 'a', NULL))").fetchone()[0] == '[[1,"a",null]]'
