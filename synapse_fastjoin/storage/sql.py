@@ -45,19 +45,33 @@ def select_rows_txn(
     500 rows beside a busy reactor took seconds where alone it takes
     milliseconds (`docs/benchmarks.md`, "Reads of many rows on SQLite"). One
     row is one step. TEXT, INTEGER and NULL values come back as the plain
-    statement gives them; REAL (JSON keeps 15 significant digits) and BLOB
-    (JSON cannot hold one) columns are not to be read here. SQLite produces a subquery's rows
-    in its ORDER BY for an aggregate over it (it does not flatten such a
-    subquery), and the array keeps the order in which rows were produced.
+    statement gives them. JSON cannot hold a BLOB and keeps 15 significant
+    digits of a REAL: should any value of the answer be either, the same
+    statement runs again plainly (the aggregate counts them). SQLite produces
+    a subquery's rows in its ORDER BY for an aggregate over it (it does not
+    flatten such a subquery), and the array keeps the order in which rows
+    were produced.
 
     PostgreSQL, and SQLite without its JSON functions, run the plain
     statement (psycopg2 takes all the rows in one call)."""
     select = ", ".join(columns)
     if not (_SQLITE_JSON and isinstance(txn.database_engine, Sqlite3Engine)):
-        txn.execute(f"SELECT {select} {rest}", args)
-        return [tuple(row) for row in txn.fetchall()]
+        return _plain_rows(txn, select, rest, args)
     aliased = ", ".join(f"{column} AS c{i}" for i, column in enumerate(columns))
-    values = ", ".join(f"c{i}" for i in range(len(columns)))
-    txn.execute(f"SELECT json_group_array(json_array({values})) FROM (SELECT {aliased} {rest})", args)
+    values = ", ".join(f"CASE typeof(c{i}) WHEN 'blob' THEN NULL ELSE c{i} END" for i in range(len(columns)))
+    inexact = " OR ".join(f"typeof(c{i}) IN ('real', 'blob')" for i in range(len(columns)))
+    txn.execute(
+        f"SELECT json_group_array(json_array({values})), SUM({inexact}) FROM (SELECT {aliased} {rest})",
+        args,
+    )
     row = txn.fetchone()
-    return [tuple(r) for r in json.loads(row[0])] if row and row[0] else []
+    if row is None or row[0] is None:
+        return []
+    if row[1]:
+        return _plain_rows(txn, select, rest, args)
+    return [tuple(r) for r in json.loads(row[0])]
+
+
+def _plain_rows(txn: LoggingTransaction, select: str, rest: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+    txn.execute(f"SELECT {select} {rest}", args)
+    return [tuple(row) for row in txn.fetchall()]

@@ -1,6 +1,6 @@
 # Copyright (C) 2026 The synapse-fastjoin authors
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Multi-row INSERTs on SQLite: one statement for hundreds of rows.
+"""Multi-row INSERTs (and upserts) on SQLite: one statement for hundreds of rows.
 
 Synapse's `simple_insert_many_txn` (and `LoggingTransaction.execute_batch`)
 insert rows on SQLite with the driver's `executemany`: one `sqlite3_step`
@@ -53,10 +53,20 @@ MAX_ROWS_PER_STATEMENT = 500
 _DEFAULT_VARIABLE_LIMIT = 999
 
 # The statement `simple_insert_many_txn` builds on SQLite (and ours):
-# `INSERT INTO table (a, b, c) VALUES(?, ?, ?)`, placeholders only.
+# `INSERT INTO table (a, b, c) VALUES(?, ?, ?)`, placeholders only; and the
+# one `simple_upsert_many_txn` builds where the table has a unique index
+# (`simple_upsert_many_txn_native_upsert`): the same with `ON CONFLICT (a) DO
+# NOTHING` or `DO UPDATE SET b=EXCLUDED.b, c=EXCLUDED.c` after it. SQLite
+# applies a multi-row upsert's conflict clause row by row, in order, rows of
+# the same statement included: the rows (rowids too) of `executemany`
+# (tests/unit/test_sqlite_batch.py compares them, duplicates included).
+_WORDS = r"\s*\w+(?:\s*,\s*\w+)*\s*"
+_SET = r"\w+\s*=\s*EXCLUDED\.\w+"
 _SIMPLE_INSERT = re.compile(
-    r"\s*INSERT\s+INTO\s+(?P<table>\w+)\s*\((?P<columns>\s*\w+(?:\s*,\s*\w+)*\s*)\)"
-    r"\s*VALUES\s*\((?P<group>\s*\?(?:\s*,\s*\?)*\s*)\)\s*;?\s*",
+    rf"\s*INSERT\s+INTO\s+(?P<table>\w+)\s*\((?P<columns>{_WORDS})\)"
+    r"\s*VALUES\s*\((?P<group>\s*\?(?:\s*,\s*\?)*\s*)\)"
+    rf"(?P<conflict>\s+ON\s+CONFLICT\s*\({_WORDS}\)\s*DO\s+(?:NOTHING|UPDATE\s+SET\s+{_SET}(?:\s*,\s*{_SET})*))?"
+    r"\s*;?\s*",
     re.IGNORECASE,
 )
 
@@ -77,8 +87,10 @@ def rows_per_statement(txn: LoggingTransaction, columns: int) -> int:
     return max(1, min(MAX_ROWS_PER_STATEMENT, _variable_limit(txn) // max(1, columns)))
 
 
-def _multi_row_insert(txn: LoggingTransaction, head: str, group: str, rows: Sequence[Sequence[Any]]) -> None:
-    """`head VALUES group, group, ...` a chunk of rows at a time."""
+def _multi_row_insert(
+    txn: LoggingTransaction, head: str, group: str, rows: Sequence[Sequence[Any]], tail: str = ""
+) -> None:
+    """`head VALUES group, group, ... tail` a chunk of rows at a time."""
     width = group.count("?")
     for row in rows:
         if len(row) != width:
@@ -90,7 +102,7 @@ def _multi_row_insert(txn: LoggingTransaction, head: str, group: str, rows: Sequ
     for start in range(0, len(rows), per):
         chunk = rows[start : start + per]
         txn.execute(
-            f"{head} VALUES {', '.join([group] * len(chunk))}",
+            f"{head} VALUES {', '.join([group] * len(chunk))}{tail}",
             [value for row in chunk for value in row],
         )
 
@@ -119,7 +131,13 @@ def execute_batch(txn: LoggingTransaction, sql: str, args: Iterable[Iterable[Any
         return
     if rows:
         group = "(" + ", ".join("?" for _ in columns) + ")"
-        _multi_row_insert(txn, f"INSERT INTO {match.group('table')} ({', '.join(columns)})", group, rows)
+        _multi_row_insert(
+            txn,
+            f"INSERT INTO {match.group('table')} ({', '.join(columns)})",
+            group,
+            rows,
+            match.group("conflict") or "",
+        )
 
 
 def install(hs: "HomeServer") -> int:

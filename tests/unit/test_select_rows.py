@@ -29,7 +29,6 @@ TEXTS = [
 
 
 def _fill(db: Database) -> None:
-    # (No REAL column: SQLite's JSON writes 15 significant digits of one.)
     db.execute("CREATE TABLE t (id BIGINT PRIMARY KEY, grp INTEGER, name TEXT, big BIGINT, note TEXT)")
     texts = TEXTS + (["nul\x00inside"] if isinstance(db.engine, Sqlite3Engine) else [])  # PostgreSQL refuses NUL
     rows = []
@@ -75,6 +74,41 @@ def test_rows_as_the_plain_statement_gives_them(database: Database) -> None:  # 
         # Not a trivial comparison: the texts came through JSON intact.
         names = {row[0] for row in database.run_sync("s", select_rows_txn, ("name",), "FROM t", ())}
         assert any(name.startswith("nul\x00inside") for name in names) and "[1, 2]" in names and 'quotes " and \' and \\ backslashes \\u0000 as text' in names
+
+
+def test_reals_and_blobs_read_plainly(database: Database) -> None:  # noqa: F811
+    """JSON would round a REAL and cannot hold a BLOB: an answer with either
+    comes from the plain statement, exact."""
+    sqlite = isinstance(database.engine, Sqlite3Engine)
+    blob = "BLOB" if sqlite else "BYTEA"
+    database.execute(f"CREATE TABLE r (id BIGINT PRIMARY KEY, ratio REAL, raw {blob}, name TEXT)")
+    rows = [(i, i / 7, None, f"n{i}") for i in range(300)]
+    # (Synapse's PostgreSQL engine refuses bytes.)
+    rows += [(1000 + i, None, None if i % 2 or not sqlite else b"\x00\xff", f"m{i}") for i in range(300)]
+
+    def insert(txn: LoggingTransaction) -> None:
+        txn.execute_batch("INSERT INTO r (id, ratio, raw, name) VALUES (?, ?, ?, ?)", rows)
+
+    database.run_sync("fill", insert)
+    for columns, rest in (
+        (("id", "ratio", "name"), "FROM r WHERE id < 1000 ORDER BY id"),
+        (("id", "raw"), "FROM r WHERE id >= 1000 ORDER BY id DESC"),
+        (("id", "name"), "FROM r WHERE id >= 1000 ORDER BY id"),  # no REAL, no BLOB: through JSON
+    ):
+        expected = [
+            tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+            for r in database.execute(f"SELECT {', '.join(columns)} {rest}")
+        ]
+        with _Trace(database) as trace:
+            got = database.run_sync("select", select_rows_txn, columns, rest, ())
+        got = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in got]
+        assert got == expected, columns
+        if sqlite:
+            plain = any(s.startswith(f"SELECT {', '.join(columns)} ") for s in trace.statements)
+            assert plain == (columns != ("id", "name")), trace.statements
+            assert len(trace.statements) == 1 + plain
+    if sqlite:  # (PostgreSQL's REAL is four bytes)
+        assert (1, 1 / 7, "n1") in database.run_sync("s", select_rows_txn, ("id", "ratio", "name"), "FROM r", ())
 
 
 def test_sqlite_without_json_runs_the_plain_statement(database: Database, monkeypatch) -> None:  # noqa: F811

@@ -147,9 +147,10 @@ def test_other_statements_run_row_by_row_as_synapse_runs_them(database: Database
         with pytest.raises(sqlite3.ProgrammingError):
             multi.execute_batch("INSERT INTO t (id, name) VALUES (?, ?)", [{"id": 99, "name": "y"}])
         multi.execute_batch("INSERT INTO t (id, name) VALUES (?, ?)", [(100, "x")])
-        # Not a plain insert: an upsert, an expression, an update.
+        # Not a plain insert or upsert: an upsert setting an expression, an
+        # expression, an update.
         multi.execute_batch(
-            "INSERT INTO t (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+            "INSERT INTO t (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = name || excluded.name",
             [(0, "first"), (0, "second"), (4, "four")],
         )
         multi.execute_batch("INSERT INTO t (id, name, big) VALUES (?, ?, 7 * ?)", [(5, "five", 6), (6, "six", 1)])
@@ -160,7 +161,7 @@ def test_other_statements_run_row_by_row_as_synapse_runs_them(database: Database
 
     assert trace.inserts_into("t") == 4 + 1 + 3 + 2
     got = {row[0]: row for row in _contents(database, "t")}
-    assert got[0][1] == "second" and got[4][1] == "four" and got[5][4] == 42
+    assert got[0][1] == "firstsecond" and got[4][1] == "four" and got[5][4] == 42
     assert got[1][3] and got[2][3] and got[100][1] == "x"
     assert sorted(got) == [0, 1, 2, 3, 4, 5, 6, 100]
 
@@ -246,3 +247,52 @@ def test_installed_as_the_engines_hook_it_runs_every_transactions_batches(databa
     if sqlite:
         assert trace.inserts_into("hooked") == 2
         assert untraced.inserts_into("plain") == 600
+
+
+def _upsert_table(db: Database, table: str) -> None:
+    db.execute(f"CREATE TABLE {table} (k BIGINT NOT NULL, k2 TEXT NOT NULL, v TEXT, w BIGINT)")
+    db.execute(f"CREATE UNIQUE INDEX {table}_key ON {table} (k, k2)")
+    db.execute(f"INSERT INTO {table} (k, k2, v, w) VALUES (1, 'a', 'before', 0), (7, 'b', 'before', 0)")
+
+
+def test_upserts_write_the_rows_executemany_writes(database: Database):  # noqa: F811
+    """`simple_upsert_many_txn` on a table with a unique index (Synapse's
+    native upsert, `ON CONFLICT ... DO NOTHING` or `DO UPDATE SET
+    v=EXCLUDED.v, ...`): the same rows, rowids included, as row by row, with
+    keys repeated within the batch and keys already in the table."""
+    if not isinstance(database.engine, Sqlite3Engine):
+        pytest.skip("SQLite's path (on PostgreSQL Synapse sends upserts with execute_values)")
+    sqlite = True
+    keys = [(i % 41, "ab"[(i // 41) % 2]) for i in range(1100)]  # every key several times
+    values = [(f"v{i}", i) for i in range(1100)]
+    for names in (("v", "w"), ()):
+        tag = "upd" if names else "nothing"
+        _upsert_table(database, f"by_row_{tag}")
+        _upsert_table(database, f"by_chunk_{tag}")
+
+        def write(txn: LoggingTransaction, table: str, names=names) -> None:
+            DatabasePool.simple_upsert_many_txn_native_upsert(
+                txn, table, ("k", "k2"), keys, names, [v[: len(names)] for v in values]
+            )
+
+        with _Trace(database) as trace:
+            database.run_sync("by_row", lambda txn, t=f"by_row_{tag}": write(txn, t))
+            database.run_sync("by_chunk", lambda txn, t=f"by_chunk_{tag}": write(MultiRowTransaction.wrap(txn), t))
+        order = "rowid, k, k2, v, w" if sqlite else "k, k2, v, w"
+        expected = database.execute(f"SELECT {order} FROM by_row_{tag} ORDER BY {order.split(',')[0]}, k, k2")
+        got = database.execute(f"SELECT {order} FROM by_chunk_{tag} ORDER BY {order.split(',')[0]}, k, k2")
+        assert got == expected, tag
+        assert len(expected) == len(set(keys) | {(1, "a"), (7, "b")}) == 82
+        if names:
+            assert "v1099" in {row[-2] for row in expected}
+        else:
+            assert {row[-2] for row in expected} == {"before", None}
+        if sqlite:
+            assert trace.inserts_into(f"by_row_{tag}") == 1100
+            assert trace.inserts_into(f"by_chunk_{tag}") == math.ceil(1100 / rows_per_statement_for(database, 4))
+
+
+def rows_per_statement_for(db: Database, columns: int) -> int:
+    from synapse_fastjoin.storage.sqlite_batch import rows_per_statement
+
+    return db.run_sync("limit", lambda txn: rows_per_statement(txn, columns))
