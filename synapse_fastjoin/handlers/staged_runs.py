@@ -588,8 +588,23 @@ class StagedRuns:
             )
         # Likewise each check loads its event's auth events (the senders'
         # memberships among them, often stored just before by the run's
-        # fetch): one read of all of them fills Synapse's event cache.
-        await self._main.get_events({a for _, ev, _ in built for a in ev.auth_event_ids()}, allow_rejected=True)
+        # fetch): one read of all of them fills Synapse's event cache. They
+        # are held until the checks are done, and known to Synapse's map of
+        # events still in memory (`_event_ref`, which its fetches consult
+        # after the LRU cache, as they do for every event they read from the
+        # database): while something else reads many events through the
+        # cache (a big room's `/members` right after its resync), the cache
+        # lets them go, and each check then waited for the database behind
+        # it. A redacted event is left out (Synapse keeps only originals
+        # there); an invalidation drops the entry as it drops its own.
+        auth_events = await self._main.get_events(
+            {a for _, ev, _ in built for a in ev.auth_event_ids()}, allow_rejected=True
+        )
+        in_memory = getattr(self._main, "_event_ref", None)
+        if in_memory is not None:
+            for event_id, auth_event in auth_events.items():
+                if not auth_event.internal_metadata.is_redacted():
+                    in_memory.setdefault(event_id, auth_event)
 
         outcomes: list[Exception | None] = [None] * len(built)
         # The first event that ends the run, as far as known: events after it
@@ -611,6 +626,7 @@ class StagedRuns:
                 end = min(end, i)
 
         await concurrently_execute(check, range(len(built)), self._concurrency)
+        del auth_events
         accepted: list[tuple[str, EventBase, EventContext]] = []
         for (origin, ev, context), outcome in zip(built, outcomes):
             if isinstance(outcome, AuthError):

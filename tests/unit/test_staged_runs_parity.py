@@ -541,3 +541,64 @@ async def test_chains_fetched_ahead_leave_the_run_being_written_alone(
     assert not await store.have_seen_events(scenario.room_id, leave_out), "chains of refused answers were stored"
     assert live_ids[3] in runs._refused
     assert runs.stats.chains_ahead == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_find_their_auth_events_while_the_event_cache_churns(
+    homeservers: dict[str, SynapseHomeServer],
+) -> None:
+    """A run's checks load the auth events its warm-up read, even once
+    Synapse's event cache has let them go (as it does while a big room's
+    `/members` reads the whole membership through it): the run holds them,
+    and Synapse's fetches find a referenced event without the database."""
+    hs = homeservers["runs"]
+    scenario = join_scenario("12", members=40, servers=5, local_server=SERVER)
+    room = scenario.room
+    spec = room.spec
+    hs.get_federation_handler()
+    await hs.get_datastores().main.get_partial_state_room_resync_info()
+    await task.deferLater(reactor, 0.1)
+    await prepare_partial_join(hs, scenario)
+    await un_partial_join(hs, scenario)
+    store = hs.get_datastores().main
+    await store.clear_partial_state_room(scenario.room_id)
+    assert not await store.is_partial_state_room(scenario.room_id)
+    run = [
+        (
+            spec.member(i).split(":", 1)[1],
+            room.create_event(
+                spec.member(i), "m.room.message", {"msgtype": "m.text", "body": f"m {i}"}, None, 1_700_000_300_000 + i
+            ),
+        )
+        for i in range(1, 9)
+    ]
+    fastjoin_store = FastJoinStore(store.db_pool.runInteraction, may_migrate=True)
+    await fastjoin_store.ensure_schema()
+    runs = StagedRuns(hs, fastjoin_store, 100)
+    runs._setup()
+    handler = hs.get_federation_event_handler()
+    check = handler._check_event_auth
+    from_db: list[int] = []
+    get_from_db = store._get_events_from_db
+
+    async def counting_get_from_db(event_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        from_db.append(len(event_ids))
+        return await get_from_db(event_ids, *args, **kwargs)
+
+    async def churned_check(origin: str, event: EventBase, context: Any) -> None:
+        store._get_event_cache.clear()  # what reading many other events does to it
+        await check(origin, event, context)
+
+    handler._check_event_auth = churned_check  # type: ignore[method-assign]
+    store._get_events_from_db = counting_get_from_db  # type: ignore[method-assign]
+    try:
+        checked = await runs._authorised(
+            [(origin, make_event_from_dict(ev.as_dict(), scenario.version)) for origin, ev in run]
+        )
+    finally:
+        del handler._check_event_auth
+        del store._get_events_from_db
+    assert len(checked) == len(run)
+    assert not any(context.rejected or context.partial_state for _, _, context in checked)
+    # The warm-up read the auth events (one fetch); the checks read none.
+    assert len(from_db) <= 1, from_db
