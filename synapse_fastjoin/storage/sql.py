@@ -43,7 +43,7 @@ def select_rows_txn(
     and must take it back before the next, waiting up to the interpreter's
     switch interval (5 ms) while the reactor thread runs Python: a read of
     500 rows beside a busy reactor took seconds where alone it takes
-    milliseconds (`docs/benchmarks.md`, "Reads of many rows on SQLite"). One
+    milliseconds (`docs/benchmarks.md`, "The after-work reads rows"). One
     row is one step. TEXT, INTEGER and NULL values come back as the plain
     statement gives them. JSON cannot hold a BLOB and keeps 15 significant
     digits of a REAL: should any value of the answer be either, the same
