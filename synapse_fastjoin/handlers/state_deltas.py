@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Collection
 
 from synapse.api.constants import Membership
 
-from synapse_fastjoin.storage.member_rows import plain_member_rows_txn
+from synapse_fastjoin.storage.member_rows import member_rows_or_events
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -64,17 +64,13 @@ class StateDeltaMemberships:
         answer: dict[str, str | None] = {}
         for start in range(0, len(ids), self._chunk):
             chunk = ids[start : start + self._chunk]
-            rows = await self._store.db_pool.runInteraction(
-                "fastjoin_state_delta_member_rows", plain_member_rows_txn, chunk
-            )
+            rows, events = await member_rows_or_events(self._store, chunk, "fastjoin_state_delta_member_rows")
             for event_id, row in rows.items():
                 answer[event_id] = _KNOWN.get(row.membership, row.membership)
             self.from_rows += len(rows)
-            rest = [event_id for event_id in chunk if event_id not in rows]
-            if not rest:
-                continue
-            events = await self._store.get_events(rest)
-            for event_id in rest:
+            for event_id in chunk:
+                if event_id in rows:
+                    continue
                 event = events.get(event_id)
                 if event is None:
                     answer[event_id] = None

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from synapse.api.constants import EventTypes, Membership
 from synapse.storage.databases.main.user_directory import _UserDirProfile
 
-from synapse_fastjoin.storage.member_rows import MemberRow, plain_member_rows_txn
+from synapse_fastjoin.storage.member_rows import member_rows_or_events
 from synapse_fastjoin.storage.user_directory import update_profiles_in_user_dir_txn
 
 if TYPE_CHECKING:
@@ -98,12 +98,8 @@ class UserDirectoryBatcher:
         # fetch each event (the same defaults: redacted events as redacted),
         # from its `room_memberships` row where that says the same.
         event_ids = [d.event_id for d in chunk if d.event_id is not None]
-        rows: dict[str, MemberRow] = await store.db_pool.runInteraction(
-            "fastjoin_user_dir_member_rows", plain_member_rows_txn, event_ids
-        )
+        rows, events = await member_rows_or_events(store, event_ids, "fastjoin_user_dir_member_rows")
         self.from_rows += len(rows)
-        rest = [event_id for event_id in event_ids if event_id not in rows]
-        events = await store.get_events(rest) if rest else {}
         profiles = []
         joined = []
         for delta in chunk:

@@ -31,11 +31,14 @@ produces.)
 """
 
 from collections.abc import Collection
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from synapse.storage.database import LoggingTransaction
 
 from synapse_fastjoin.storage.sql import in_list_batches, select_rows_txn
+
+if TYPE_CHECKING:
+    from synapse.events import EventBase
 
 
 class MemberRow(NamedTuple):
@@ -69,3 +72,15 @@ def plain_member_rows_txn(txn: LoggingTransaction, event_ids: Collection[str]) -
             if isinstance(membership, str):
                 rows[event_id] = MemberRow(membership, display_name, avatar_url)
     return rows
+
+
+async def member_rows_or_events(
+    store: Any, event_ids: Collection[str], desc: str
+) -> tuple[dict[str, MemberRow], dict[str, "EventBase"]]:
+    """The rows of `event_ids` that say what their events would, and for the
+    others what `store.get_events` returns (Synapse's defaults: redacted
+    events as redacted; rejected and missing ones left out)."""
+    rows: dict[str, MemberRow] = await store.db_pool.runInteraction(desc, plain_member_rows_txn, event_ids)
+    rest = [event_id for event_id in event_ids if event_id not in rows]
+    events = await store.get_events(rest) if rest else {}
+    return rows, events

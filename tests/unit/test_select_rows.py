@@ -4,7 +4,6 @@
 in its order, with the same values, on SQLite and PostgreSQL; on SQLite as one
 row of JSON from SQLite (one step of Python's `sqlite3` instead of one a row)."""
 
-import sqlite3
 from typing import Any
 
 from synapse.storage.database import LoggingTransaction
@@ -120,9 +119,3 @@ def test_sqlite_without_json_runs_the_plain_statement(database: Database, monkey
         assert database.run_sync("select", select_rows_txn, columns, rest, args) == expected
     assert not any("json_group_array" in s for s in trace.statements)
 
-
-def test_this_sqlite_has_json() -> None:
-    """The path the module takes on this machine's SQLite is the JSON one."""
-    assert sql._SQLITE_JSON == (sqlite3.sqlite_version_info >= (3, 38, 0))
-    conn = sqlite3.connect(":memory:")
-    assert conn.execute("SELECT json_group_array(json_array(1, 'a', NULL))").fetchone()[0] == '[[1,"a",null]]'

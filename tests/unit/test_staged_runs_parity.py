@@ -485,6 +485,14 @@ async def test_runs_write_what_synapse_writes(
         assert r_after["event_json"] == s_after["event_json"]
 
 
+async def _settled(hs: SynapseHomeServer) -> None:
+    """The federation handler made, and its start-up resync of partial-state
+    rooms (none here) let run, before the test drives a run itself."""
+    hs.get_federation_handler()
+    await hs.get_datastores().main.get_partial_state_room_resync_info()
+    await task.deferLater(reactor, 0.1)
+
+
 @pytest_twisted.ensureDeferred
 async def test_chains_fetched_ahead_leave_the_run_being_written_alone(
     homeservers: dict[str, SynapseHomeServer],
@@ -500,9 +508,7 @@ async def test_chains_fetched_ahead_leave_the_run_being_written_alone(
     scenario = join_scenario("12", members=60, servers=5, local_server=SERVER)
     room = scenario.room
     spec = room.spec
-    hs.get_federation_handler()
-    await hs.get_datastores().main.get_partial_state_room_resync_info()
-    await task.deferLater(reactor, 0.1)
+    await _settled(hs)
     # The senders of the next run (members 4 to 6): not stored yet.
     leave_out = {room.current_state[("m.room.member", spec.member(i))] for i in (4, 5, 6)}
     await prepare_partial_join(hs, scenario, leave_out=leave_out)
@@ -555,9 +561,7 @@ async def test_checks_find_their_auth_events_while_the_event_cache_churns(
     scenario = join_scenario("12", members=40, servers=5, local_server=SERVER)
     room = scenario.room
     spec = room.spec
-    hs.get_federation_handler()
-    await hs.get_datastores().main.get_partial_state_room_resync_info()
-    await task.deferLater(reactor, 0.1)
+    await _settled(hs)
     await prepare_partial_join(hs, scenario)
     await un_partial_join(hs, scenario)
     store = hs.get_datastores().main
