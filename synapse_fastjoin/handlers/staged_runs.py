@@ -92,8 +92,10 @@ from synapse.storage._base import db_to_json
 from synapse.storage.engines import Sqlite3Engine
 from synapse.types.state import StateFilter
 from synapse.util.async_helpers import concurrently_execute
+from synapse.util.duration import Duration
 
 from synapse_fastjoin.federation.event_auth import AuthChainFetch, fetch_auth_chains
+from synapse_fastjoin.storage.events import get_events_without_waiting
 from synapse_fastjoin.storage.push_actions import StagedPushActions
 from synapse_fastjoin.storage.store import FastJoinStore
 
@@ -117,26 +119,53 @@ _REFUSED_KEPT = 10_000
 # of the resync's writes.
 _CHECK_CONCURRENCY = 5
 _CHECK_CONCURRENCY_SQLITE = 1
+# A run's steps go through its events one after another on the reactor, and
+# where every read finds its answer in a cache nothing suspends: a run of
+# hundreds of events held the reactor for hundreds of milliseconds at a time
+# (its push-rule evaluations, its checks), while every request of the server
+# waited. The steps give the reactor back once they have held it this long.
+_REACTOR_SLICE_S = 0.02
 
 
 class _ExtremitiesMoved(Exception):
     """The room's forward extremities changed while a run was checked."""
 
 
-def _parse_staged(rows: list[Any], room_version: Any) -> list[tuple[str, EventBase]]:
+async def _parse_staged(rows: list[Any], room_version: Any, slices: "_Slices") -> list[tuple[str, EventBase]]:
     """(origin, event) of staged rows (`next_staged_events`), as Synapse's
     `get_next_staged_event_for_room` builds them."""
-    return [
-        (
-            origin,
-            make_event_from_dict(
-                event_dict=db_to_json(event_json),
-                room_version=room_version,
-                internal_metadata_dict=db_to_json(internal_metadata),
-            ),
+    parsed = []
+    for origin, _event_id, event_json, internal_metadata in rows:
+        await slices.take_turn()
+        parsed.append(
+            (
+                origin,
+                make_event_from_dict(
+                    event_dict=db_to_json(event_json),
+                    room_version=room_version,
+                    internal_metadata_dict=db_to_json(internal_metadata),
+                ),
+            )
         )
-        for origin, _event_id, event_json, internal_metadata in rows
-    ]
+    return parsed
+
+
+class _Slices:
+    """Gives the reactor back to the rest of the server every
+    `_REACTOR_SLICE_S` of a run's steps (shared by the steps' concurrent
+    tasks: the time counts from the last time any of them gave it back)."""
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._since = time.monotonic()
+        self.turns = 0
+        """Times the reactor was given back."""
+
+    async def take_turn(self) -> None:
+        if time.monotonic() - self._since >= _REACTOR_SLICE_S:
+            self.turns += 1
+            await self._clock.sleep(Duration(seconds=0))
+            self._since = time.monotonic()
 
 
 class _Phases:
@@ -173,6 +202,8 @@ class StagedRunStats:
         self.given_back = 0
         # Events whose auth chains were fetched ahead of their run.
         self.chains_ahead = 0
+        # Times the runs gave the reactor back (`_REACTOR_SLICE_S`).
+        self.reactor_turns = 0
 
 
 class StagedRuns:
@@ -251,7 +282,8 @@ class StagedRuns:
         staged = await self._store.next_staged_events(room_id, self._run_length)
         if len(staged) < _MIN_RUN or (staged[0][0], staged[0][1]) != (origin, event.event_id):
             return False
-        candidates = [(origin, event), *_parse_staged(staged[1:], room_version)]
+        slices = _Slices(self._clock)
+        candidates = [(origin, event), *await _parse_staged(staged[1:], room_version, slices)]
         extremities = await self._main.get_latest_event_ids_in_room(room_id)
         run = await self._chain(room_id, extremities, candidates, phases)
         started = phases.done("chain", started)
@@ -263,23 +295,30 @@ class StagedRuns:
         # The next run's auth chains are fetched while this one is checked
         # and written (`_prefetch_auth_chains`); the run ends when both have.
         ahead = run_in_background(self._prefetch_auth_chains, room_id, room_version, run)
+        # The auth events the checks read stay in memory until the run is
+        # written: its push-rule evaluations read the power levels and the
+        # senders' memberships again (`_authorised`).
+        held: list[Any] = []
         try:
-            checked = await self._authorised(run)
+            checked = await self._authorised(run, held, slices)
             phases.done("checks", started)
-            persisted = bool(checked) and await self._persist(room_id, extremities, checked, phases)
+            persisted = bool(checked) and await self._persist(room_id, extremities, checked, phases, slices)
         finally:
+            held.clear()
             waited = time.monotonic()
             await make_deferred_yieldable(ahead)
             phases.done("wait for the next chains", waited)
+        self.stats.reactor_turns += slices.turns
         if persisted:
             logger.info(
-                "Processed a run of %d staged events in %s (%s .. %s) in %.2f s: %s",
+                "Processed a run of %d staged events in %s (%s .. %s) in %.2f s: %s; reactor given back %d times",
                 len(checked),
                 room_id,
                 checked[0][1].event_id,
                 checked[-1][1].event_id,
                 phases.total(),
                 phases,
+                slices.turns,
             )
         return persisted
 
@@ -319,7 +358,7 @@ class StagedRuns:
             staged = await self._store.next_staged_events(room_id, len(run) + self._run_length)
             if [row[1] for row in staged[: len(run)]] != [ev.event_id for _, ev in run]:
                 return
-            candidates = _parse_staged(staged[len(run) :], room_version)
+            candidates = await _parse_staged(staged[len(run) :], room_version, _Slices(self._clock))
             if len(candidates) < _MIN_RUN:
                 return
             following = await self._linked(
@@ -523,7 +562,7 @@ class StagedRuns:
             logger.warning("Failed to persist the auth chains of staged events in %s: %s", room_id, e)
 
     async def _authorised(
-        self, run: list[tuple[str, EventBase]]
+        self, run: list[tuple[str, EventBase]], held: list[Any] | None = None, slices: _Slices | None = None
     ) -> list[tuple[str, EventBase, EventContext]]:
         """Contexts and auth checks, in order, up to and with the first event
         Synapse's `_check_event_auth` rejects (its context says so), or up to
@@ -546,10 +585,12 @@ class StagedRuns:
         through the whole partial state. Checks of events after the first
         rejection or unchecked event are skipped once that is known (some may
         already be under way; their outcomes are not used)."""
+        slices = slices if slices is not None else _Slices(self._clock)
         built: list[tuple[str, EventBase, EventContext]] = []
         first_context: EventContext | None = None
         group_delta: tuple[int | None, Any] | None = None
         for origin, ev in run:
+            await slices.take_turn()
             if first_context is None:
                 context = await self._state_handler.compute_event_context(ev)
                 first_context = context
@@ -589,17 +630,23 @@ class StagedRuns:
         # Likewise each check loads its event's auth events (the senders'
         # memberships among them, often stored just before by the run's
         # fetch): one read of all of them fills Synapse's event cache. They
-        # are held until the checks are done, and known to Synapse's map of
+        # are held until the checks are done (in `held`, until the caller
+        # lets it go: the run's push-rule evaluations read them again), and
+        # known to Synapse's map of
         # events still in memory (`_event_ref`, which its fetches consult
         # after the LRU cache, as they do for every event they read from the
         # database): while something else reads many events through the
         # cache (a big room's `/members` right after its resync), the cache
         # lets them go, and each check then waited for the database behind
         # it. A redacted event is left out (Synapse keeps only originals
-        # there); an invalidation drops the entry as it drops its own.
-        auth_events = await self._main.get_events(
-            {a for _, ev, _ in built for a in ev.auth_event_ids()}, allow_rejected=True
+        # there); an invalidation drops the entry as it drops its own. The
+        # read does not wait for another caller's read of the same events
+        # (that `/members` reads them all, and builds them for seconds).
+        auth_events, read_here = await get_events_without_waiting(
+            self._main, {a for _, ev, _ in built for a in ev.auth_event_ids()}
         )
+        if held is not None:
+            held.extend((auth_events, read_here))
         in_memory = getattr(self._main, "_event_ref", None)
         if in_memory is not None:
             for event_id, auth_event in auth_events.items():
@@ -613,6 +660,7 @@ class StagedRuns:
 
         async def check(i: int) -> None:
             nonlocal end
+            await slices.take_turn()
             if i > end:
                 return
             origin, ev, context = built[i]
@@ -626,7 +674,7 @@ class StagedRuns:
                 end = min(end, i)
 
         await concurrently_execute(check, range(len(built)), self._concurrency)
-        del auth_events
+        del auth_events, read_here
         accepted: list[tuple[str, EventBase, EventContext]] = []
         for (origin, ev, context), outcome in zip(built, outcomes):
             if isinstance(outcome, AuthError):
@@ -668,6 +716,7 @@ class StagedRuns:
         extremities: frozenset[str],
         run: list[tuple[str, EventBase, EventContext]],
         phases: "_Phases",
+        slices: _Slices,
     ) -> bool:
         pairs = [(ev, context) for _, ev, context in run]
         started = time.monotonic()
@@ -682,8 +731,13 @@ class StagedRuns:
             # for the run instead of one for each event.
             staging: list[StagedPushActions] = []
             await self._warm_ignored_by({ev.sender for ev, context in pairs if not context.rejected})
+
+            async def push_actions(pair: tuple[EventBase, EventContext]) -> None:
+                await slices.take_turn()
+                await self._push_evaluator.action_for_events_by_user([pair], staging=staging)
+
             await concurrently_execute(
-                lambda pair: self._push_evaluator.action_for_events_by_user([pair], staging=staging),
+                push_actions,
                 [
                     (ev, context)
                     for ev, context in pairs
@@ -716,6 +770,7 @@ class StagedRuns:
         for ev, context in pairs:
             if context.rejected:
                 continue
+            await slices.take_turn()
             try:
                 await self._federation_event_handler._after_received_pdu_persisted(ev)
             except Exception:

@@ -1,7 +1,8 @@
 """Reads of Synapse's event tables that the resync engine needs in bulk."""
 
-from typing import Collection
+from typing import Any, Collection
 
+from synapse.events import EventBase
 from synapse.storage.database import LoggingTransaction
 
 from synapse_fastjoin.storage.sql import in_list_batches
@@ -52,3 +53,36 @@ def record_run_extremities_txn(
         "INSERT INTO stream_ordering_to_exterm (room_id, event_id, stream_ordering) VALUES (?, ?, ?)",
         [(room_id, event_id, stream_ordering) for event_id, stream_ordering in rows],
     )
+
+
+async def get_events_without_waiting(store: Any, event_ids: Collection[str]) -> tuple[dict[str, EventBase], Any]:
+    """`store.get_events(event_ids, allow_rejected=True)`, not waiting for
+    other callers' reads of the same events.
+
+    Synapse shares event reads in flight: an event that another caller is
+    reading from the database is awaited from that read
+    (`EventsWorkerStore._current_event_fetches`), which gives nothing back
+    until every event it asked for is built. A client's `/members` of a big
+    room right after its resync asks for the whole membership at once:
+    at 50,000 members its one read built events for 8 to 10 s of the reactor,
+    and a run of live events whose senders' memberships were among them
+    waited for all of it. Events missing from the memory caches that another
+    read has in flight are read again here, with Synapse's own
+    `_get_events_from_db` (the same rows, redaction checks and cache entries
+    as the shared read); the answer is then `get_events`'s, from the cache.
+
+    Returns the events and the cache entries read here: the caller keeps the
+    latter while it needs the events in memory (Synapse's map of events in
+    memory, `_event_ref`, holds them only while they are referenced).
+    """
+    in_flight = getattr(store, "_current_event_fetches", None)
+    read_here: Any = {}
+    if in_flight:
+        waiting = [event_id for event_id in event_ids if event_id in in_flight]
+        if waiting:
+            cached = await store._get_events_from_local_cache(waiting, update_metrics=False)
+            others = [event_id for event_id in waiting if event_id not in cached]
+            if others:
+                read_here = await store._get_events_from_db(others)
+    events = await store.get_events(event_ids, allow_rejected=True)
+    return events, read_here

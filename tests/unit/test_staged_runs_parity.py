@@ -37,6 +37,7 @@ runs must have taken most of the events: with none taken the test fails.
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,7 +49,7 @@ from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
 from synapse.logging.context import LoggingContext
 from synapse.types import get_domain_from_id
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from synapse_fastjoin.handlers.staged_runs import StagedRuns
 from synapse_fastjoin.storage.store import FastJoinStore
@@ -107,8 +108,9 @@ def homeservers(
         yield made
 
 
-def _live_events(scenario: JoinScenario) -> list[tuple[str, dict[str, Any]]]:
-    """(origin, event dict) in the order they are staged."""
+def _live_events(scenario: JoinScenario, long_chain: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """(origin, event dict) in the order they are staged; `long_chain` more
+    messages in the first chain."""
     room = scenario.room
     spec = room.spec
     ts = iter(range(1_700_000_300_000, 1_700_000_400_000))
@@ -127,6 +129,8 @@ def _live_events(scenario: JoinScenario) -> list[tuple[str, dict[str, Any]]]:
     for i in range(6):
         event_id = add(spec.member(1 + i % 5), "m.room.message", text(i, "hello"))
         first = first or event_id
+    for i in range(long_chain):
+        add(spec.member(1 + i % 14), "m.room.message", text(i, "a long chain"))
     add(spec.member(2), "m.room.message", text(0, "hi joiner", **{"m.mentions": {"user_ids": [JOINER]}}))
     add(
         spec.member(3),
@@ -270,11 +274,14 @@ async def _stream_order(hs: SynapseHomeServer, room_id: str) -> list[Any]:
         # ... only the staged event just before: for the first event of the
         # next run, that is the last of the run being written.
         ("12", True, "hostile answers, earlier event"),
+        # Runs longer than Synapse's persistence batch of 100 events: one
+        # run's events are written in several of its transactions.
+        ("12", True, "long runs"),
     ],
     ids=[
         "10-full", "10-partial", "12-full", "12-partial", "12-partial-given-back", "12-full-ban-meanwhile",
         "12-partial-missing-auth", "12-partial-missing-auth-ahead", "12-partial-hostile-answers",
-        "12-partial-hostile-answers-earlier",
+        "12-partial-hostile-answers-earlier", "12-partial-long-runs",
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -286,7 +293,8 @@ async def test_runs_write_what_synapse_writes(
     leave_out: set[str] = set()
     hostile = give_back is not None and give_back.startswith("hostile answers")
     missing_auth = hostile or give_back in ("missing auth", "missing auth ahead")
-    run_length = 3 if hostile or give_back == "missing auth ahead" else 100
+    long_runs = give_back == "long runs"
+    run_length = 3 if hostile or give_back == "missing auth ahead" else 250 if long_runs else 100
     if missing_auth:
         # The joins of the senders of the first chain (not auth events of
         # anything stored).
@@ -331,7 +339,7 @@ async def test_runs_write_what_synapse_writes(
             await hs.get_datastores().main.clear_partial_state_room(scenario.room_id)
     # Made after the room is stored: they arrive after the join.
     tip = list(scenario.room.forward_extremities())
-    live = _live_events(scenario)
+    live = _live_events(scenario, long_chain=240 if long_runs else 0)
     live_ids = [make_event_from_dict(copy.deepcopy(d), scenario.version).event_id for _, d in live]
     # Not staged: stored by another path (below), on the join's tip. Its
     # target sends the first run's second event.
@@ -374,7 +382,7 @@ async def test_runs_write_what_synapse_writes(
             runs = StagedRuns(hs, fastjoin_store, run_length)
             fed._fastjoin_callbacks.register_callbacks(process_staged_run=runs.process_staged_run)
             stats = runs.stats
-            if missing_auth:
+            if missing_auth or long_runs:
                 handler = hs.get_federation_event_handler()
                 persist_and_notify = handler.persist_events_and_notify
 
@@ -477,6 +485,12 @@ async def test_runs_write_what_synapse_writes(
         assert any(len(leave_out & set(batch)) > 1 for batch in persisted_batches), [
             (len(b), len(leave_out & set(b))) for b in persisted_batches
         ]
+    if long_runs:
+        # The first run: the first chain whole, longer than one of Synapse's
+        # persistence transactions.
+        assert max(len(batch) for batch in persisted_batches) > 200, [len(b) for b in persisted_batches]
+        # Such a run gave the reactor back as it went.
+        assert stats.reactor_turns > 0
     if give_back == "ban meanwhile":
         soft_failed = [
             r for r in s_after["event_json"][1:] if '"soft_failed":true' in str(r).replace(" ", "")
@@ -606,3 +620,72 @@ async def test_checks_find_their_auth_events_while_the_event_cache_churns(
     assert not any(context.rejected or context.partial_state for _, _, context in checked)
     # The warm-up read the auth events (one fetch); the checks read none.
     assert len(from_db) <= 1, from_db
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_do_not_wait_for_another_read_of_their_auth_events(
+    homeservers: dict[str, SynapseHomeServer],
+) -> None:
+    """A run's checks do not wait for another caller's read of their auth
+    events: Synapse shares reads in flight, and a big room's `/members`
+    right after its resync reads (and builds, for seconds) the whole
+    membership, the run's senders' memberships among it."""
+    hs = homeservers["runs"]
+    scenario = join_scenario("12", members=40, servers=5, local_server=SERVER)
+    room = scenario.room
+    spec = room.spec
+    await _settled(hs)
+    await prepare_partial_join(hs, scenario)
+    await un_partial_join(hs, scenario)
+    store = hs.get_datastores().main
+    await store.clear_partial_state_room(scenario.room_id)
+    run = [
+        (
+            spec.member(i).split(":", 1)[1],
+            room.create_event(
+                spec.member(i), "m.room.message", {"msgtype": "m.text", "body": f"m {i}"}, None, 1_700_000_400_000 + i
+            ),
+        )
+        for i in range(1, 9)
+    ]
+    events = [(origin, make_event_from_dict(ev.as_dict(), scenario.version)) for origin, ev in run]
+    # (The run's senders' memberships, the create and power-level events.)
+    member_ids = sorted({a for _, ev in events for a in ev.auth_event_ids()})
+    fastjoin_store = FastJoinStore(store.db_pool.runInteraction, may_migrate=True)
+    await fastjoin_store.ensure_schema()
+    runs = StagedRuns(hs, fastjoin_store, 100)
+    runs._setup()
+
+    # The other read: the same events and one more (which tells it apart),
+    # held up in its database fetch until the test lets it go.
+    unknown = "$not-stored-anywhere"
+    enqueue = store._enqueue_events
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    async def held_enqueue(event_ids: Any) -> Any:
+        if unknown in event_ids:
+            await gate
+        return await enqueue(event_ids)
+
+    store._get_event_cache.clear()
+    gc.collect()  # (nothing else holds them: Synapse's map of events in memory lets them go)
+    store._enqueue_events = held_enqueue  # type: ignore[method-assign]
+    try:
+        other = defer.ensureDeferred(store.get_events([*member_ids, unknown]))
+        await task.deferLater(reactor, 0.05)
+        assert all(event_id in store._current_event_fetches for event_id in member_ids)
+        checking = defer.ensureDeferred(runs._authorised(events))
+        for _ in range(100):
+            if checking.called:
+                break
+            await task.deferLater(reactor, 0.05)
+        done_before_the_other = checking.called
+    finally:
+        if not gate.called:
+            gate.callback(None)
+        del store._enqueue_events
+    assert len(await other) == len(member_ids)
+    checked = await checking
+    assert done_before_the_other, "the checks waited for the other read"
+    assert len(checked) == len(run)
+    assert not any(context.rejected or context.partial_state for _, _, context in checked)
