@@ -135,12 +135,13 @@ class ResyncConfig:
     the room's PDUs instead of about three transactions each). False: one at
     a time, as stock Synapse does."""
 
-    inbound_run_length: int = 100
+    inbound_run_length: int = 300
     """At most this many staged inbound events of a room are processed
     together as one run (handlers/staged_runs.py: a chain of non-state events
     on the room's forward extremities, checked event by event as Synapse
-    does, persisted with one call). 0: every event one at a time, as stock
-    Synapse. At most 100 (one persistence transaction)."""
+    does, persisted with one call, which Synapse writes in transactions of
+    100 events). 0: every event one at a time, as stock Synapse. At most
+    1,000."""
 
     inbound_queue_limit: int = 10000
     """At most this many inbound events wait in a kept queue (a partial-state
@@ -258,7 +259,7 @@ _RESYNC_PARSERS = {
     "keep_inbound_queue": lambda key, v: _bool(key, v),
     "batch_inbound_staging": lambda key, v: _bool(key, v),
     "inbound_queue_limit": lambda key, v: _queue_limit(key, v),
-    "inbound_run_length": lambda key, v: _int(key, v, 0, 100),
+    "inbound_run_length": lambda key, v: _int(key, v, 0, 1000),
 }
 
 
