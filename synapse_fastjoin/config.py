@@ -135,13 +135,16 @@ class ResyncConfig:
     the room's PDUs instead of about three transactions each). False: one at
     a time, as stock Synapse does."""
 
-    inbound_run_length: int = 300
+    inbound_run_length: int = 100
     """At most this many staged inbound events of a room are processed
     together as one run (handlers/staged_runs.py: a chain of non-state events
     on the room's forward extremities, checked event by event as Synapse
     does, persisted with one call, which Synapse writes in transactions of
     100 events). 0: every event one at a time, as stock Synapse. At most
-    1,000."""
+    1,000. Longer runs keep up with more live traffic during a resync on
+    SQLite and cost the resync time and the server's latency
+    (docs/benchmarks.md, "Live events right after a big resync and during
+    it")."""
 
     inbound_queue_limit: int = 10000
     """At most this many inbound events wait in a kept queue (a partial-state
