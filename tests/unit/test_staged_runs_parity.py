@@ -563,15 +563,11 @@ async def test_chains_fetched_ahead_leave_the_run_being_written_alone(
     assert runs.stats.chains_ahead == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_checks_find_their_auth_events_while_the_event_cache_churns(
-    homeservers: dict[str, SynapseHomeServer],
-) -> None:
-    """A run's checks load the auth events its warm-up read, even once
-    Synapse's event cache has let them go (as it does while a big room's
-    `/members` reads the whole membership through it): the run holds them,
-    and Synapse's fetches find a referenced event without the database."""
-    hs = homeservers["runs"]
+async def _full_state_room_and_run(
+    hs: SynapseHomeServer,
+) -> tuple[JoinScenario, list[tuple[str, EventBase]], StagedRuns]:
+    """A room joined and resynced (full state), eight messages from its
+    members after the join (origin, event), and a StagedRuns to check them."""
     scenario = join_scenario("12", members=40, servers=5, local_server=SERVER)
     room = scenario.room
     spec = room.spec
@@ -584,8 +580,11 @@ async def test_checks_find_their_auth_events_while_the_event_cache_churns(
     run = [
         (
             spec.member(i).split(":", 1)[1],
-            room.create_event(
-                spec.member(i), "m.room.message", {"msgtype": "m.text", "body": f"m {i}"}, None, 1_700_000_300_000 + i
+            make_event_from_dict(
+                room.create_event(
+                    spec.member(i), "m.room.message", {"msgtype": "m.text", "body": f"m {i}"}, None, 1_700_000_300_000 + i
+                ).as_dict(),
+                scenario.version,
             ),
         )
         for i in range(1, 9)
@@ -594,6 +593,20 @@ async def test_checks_find_their_auth_events_while_the_event_cache_churns(
     await fastjoin_store.ensure_schema()
     runs = StagedRuns(hs, fastjoin_store, 100)
     runs._setup()
+    return scenario, run, runs
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_find_their_auth_events_while_the_event_cache_churns(
+    homeservers: dict[str, SynapseHomeServer],
+) -> None:
+    """A run's checks load the auth events its warm-up read, even once
+    Synapse's event cache has let them go (as it does while a big room's
+    `/members` reads the whole membership through it): the run holds them,
+    and Synapse's fetches find a referenced event without the database."""
+    hs = homeservers["runs"]
+    _, run, runs = await _full_state_room_and_run(hs)
+    store = hs.get_datastores().main
     handler = hs.get_federation_event_handler()
     check = handler._check_event_auth
     from_db: list[int] = []
@@ -610,9 +623,7 @@ async def test_checks_find_their_auth_events_while_the_event_cache_churns(
     handler._check_event_auth = churned_check  # type: ignore[method-assign]
     store._get_events_from_db = counting_get_from_db  # type: ignore[method-assign]
     try:
-        checked = await runs._authorised(
-            [(origin, make_event_from_dict(ev.as_dict(), scenario.version)) for origin, ev in run]
-        )
+        checked = await runs._authorised(run)
     finally:
         del handler._check_event_auth
         del store._get_events_from_db
@@ -631,30 +642,10 @@ async def test_checks_do_not_wait_for_another_read_of_their_auth_events(
     right after its resync reads (and builds, for seconds) the whole
     membership, the run's senders' memberships among it."""
     hs = homeservers["runs"]
-    scenario = join_scenario("12", members=40, servers=5, local_server=SERVER)
-    room = scenario.room
-    spec = room.spec
-    await _settled(hs)
-    await prepare_partial_join(hs, scenario)
-    await un_partial_join(hs, scenario)
+    _, events, runs = await _full_state_room_and_run(hs)
     store = hs.get_datastores().main
-    await store.clear_partial_state_room(scenario.room_id)
-    run = [
-        (
-            spec.member(i).split(":", 1)[1],
-            room.create_event(
-                spec.member(i), "m.room.message", {"msgtype": "m.text", "body": f"m {i}"}, None, 1_700_000_400_000 + i
-            ),
-        )
-        for i in range(1, 9)
-    ]
-    events = [(origin, make_event_from_dict(ev.as_dict(), scenario.version)) for origin, ev in run]
     # (The run's senders' memberships, the create and power-level events.)
     member_ids = sorted({a for _, ev in events for a in ev.auth_event_ids()})
-    fastjoin_store = FastJoinStore(store.db_pool.runInteraction, may_migrate=True)
-    await fastjoin_store.ensure_schema()
-    runs = StagedRuns(hs, fastjoin_store, 100)
-    runs._setup()
 
     # The other read: the same events and one more (which tells it apart),
     # held up in its database fetch until the test lets it go.
@@ -687,5 +678,5 @@ async def test_checks_do_not_wait_for_another_read_of_their_auth_events(
     assert len(await other) == len(member_ids)
     checked = await checking
     assert done_before_the_other, "the checks waited for the other read"
-    assert len(checked) == len(run)
+    assert len(checked) == len(events)
     assert not any(context.rejected or context.partial_state for _, _, context in checked)
