@@ -195,6 +195,18 @@ async def _stage(hs: SynapseHomeServer, scenario: JoinScenario, live: list[tuple
     return [event_id for _, event_id in ids]
 
 
+async def _rotate_notifications(hs: SynapseHomeServer) -> None:
+    """Synapse's rotation of push actions into `event_push_summary`, up to
+    now. It also runs every 30 s on its own, so that one server of a pair may
+    have rotated during its drain and the other not: both are brought to the
+    same point before their tables are compared."""
+    store = hs.get_datastores().main
+    while store._doing_notif_rotation:
+        await task.deferLater(reactor, 0.05)
+    await store._find_stream_orderings_for_times()
+    await store._rotate_notifs()
+
+
 async def _drain(hs: SynapseHomeServer, scenario: JoinScenario) -> None:
     store = hs.get_datastores().main
     lock = await store.try_acquire_lock(_INBOUND_EVENT_HANDLING_LOCK_NAME, scenario.room_id)
@@ -423,6 +435,7 @@ async def test_runs_write_what_synapse_writes(
         await _stage(hs, scenario, live)
         with LoggingContext(name=f"staged-runs-{name}", server_name=SERVER):
             await _drain(hs, scenario)
+            await _rotate_notifications(hs)
         dumps[name] = (before, _canonical(await dump_tables(hs)))
         orders[name] = await _stream_order(hs, scenario.room_id)
 
