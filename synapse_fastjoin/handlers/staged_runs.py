@@ -642,11 +642,11 @@ class StagedRuns:
         # there); an invalidation drops the entry as it drops its own. The
         # read does not wait for another caller's read of the same events
         # (that `/members` reads them all, and builds them for seconds).
-        auth_events, read_here = await get_events_without_waiting(
+        auth_events = await get_events_without_waiting(
             self._main, {a for _, ev, _ in built for a in ev.auth_event_ids()}
         )
         if held is not None:
-            held.extend((auth_events, read_here))
+            held.append(auth_events)
         in_memory = getattr(self._main, "_event_ref", None)
         if in_memory is not None:
             for event_id, auth_event in auth_events.items():
@@ -674,7 +674,7 @@ class StagedRuns:
                 end = min(end, i)
 
         await concurrently_execute(check, range(len(built)), self._concurrency)
-        del auth_events, read_here
+        del auth_events
         accepted: list[tuple[str, EventBase, EventContext]] = []
         for (origin, ev, context), outcome in zip(built, outcomes):
             if isinstance(outcome, AuthError):

@@ -55,7 +55,7 @@ def record_run_extremities_txn(
     )
 
 
-async def get_events_without_waiting(store: Any, event_ids: Collection[str]) -> tuple[dict[str, EventBase], Any]:
+async def get_events_without_waiting(store: Any, event_ids: Collection[str]) -> dict[str, EventBase]:
     """`store.get_events(event_ids, allow_rejected=True)`, not waiting for
     other callers' reads of the same events.
 
@@ -70,19 +70,17 @@ async def get_events_without_waiting(store: Any, event_ids: Collection[str]) -> 
     read has in flight are read again here, with Synapse's own
     `_get_events_from_db` (the same rows, redaction checks and cache entries
     as the shared read); the answer is then `get_events`'s, from the cache.
-
-    Returns the events and the cache entries read here: the caller keeps the
-    latter while it needs the events in memory (Synapse's map of events in
-    memory, `_event_ref`, holds them only while they are referenced).
     """
     in_flight = getattr(store, "_current_event_fetches", None)
-    read_here: Any = {}
+    read_here: Any = None
     if in_flight:
         waiting = [event_id for event_id in event_ids if event_id in in_flight]
         if waiting:
             cached = await store._get_events_from_local_cache(waiting, update_metrics=False)
             others = [event_id for event_id in waiting if event_id not in cached]
             if others:
+                # (Held until `get_events` has found them in the cache.)
                 read_here = await store._get_events_from_db(others)
     events = await store.get_events(event_ids, allow_rejected=True)
-    return events, read_here
+    del read_here
+    return events

@@ -576,9 +576,7 @@ async def test_chains_fetched_ahead_leave_the_run_being_written_alone(
     assert runs.stats.chains_ahead == 0
 
 
-async def _full_state_room_and_run(
-    hs: SynapseHomeServer,
-) -> tuple[JoinScenario, list[tuple[str, EventBase]], StagedRuns]:
+async def _full_state_room_and_run(hs: SynapseHomeServer) -> tuple[list[tuple[str, EventBase]], StagedRuns]:
     """A room joined and resynced (full state), eight messages from its
     members after the join (origin, event), and a StagedRuns to check them."""
     scenario = join_scenario("12", members=40, servers=5, local_server=SERVER)
@@ -606,7 +604,7 @@ async def _full_state_room_and_run(
     await fastjoin_store.ensure_schema()
     runs = StagedRuns(hs, fastjoin_store, 100)
     runs._setup()
-    return scenario, run, runs
+    return run, runs
 
 
 @pytest_twisted.ensureDeferred
@@ -618,7 +616,7 @@ async def test_checks_find_their_auth_events_while_the_event_cache_churns(
     `/members` reads the whole membership through it): the run holds them,
     and Synapse's fetches find a referenced event without the database."""
     hs = homeservers["runs"]
-    _, run, runs = await _full_state_room_and_run(hs)
+    run, runs = await _full_state_room_and_run(hs)
     store = hs.get_datastores().main
     handler = hs.get_federation_event_handler()
     check = handler._check_event_auth
@@ -655,7 +653,7 @@ async def test_checks_do_not_wait_for_another_read_of_their_auth_events(
     right after its resync reads (and builds, for seconds) the whole
     membership, the run's senders' memberships among it."""
     hs = homeservers["runs"]
-    _, events, runs = await _full_state_room_and_run(hs)
+    events, runs = await _full_state_room_and_run(hs)
     store = hs.get_datastores().main
     # (The run's senders' memberships, the create and power-level events.)
     member_ids = sorted({a for _, ev in events for a in ev.auth_event_ids()})
