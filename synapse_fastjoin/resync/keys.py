@@ -1,6 +1,7 @@
 """The signing keys a resync checks events with, fetched through Synapse's
 keyring (its notaries, caches and key store) ahead of the threaded checks."""
 
+import copy
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Collection
@@ -15,7 +16,7 @@ from synapse.util.async_helpers import Linearizer, ObservableDeferred
 from synapse.util.iterutils import batch_iter
 
 from synapse_fastjoin.resync.checks import KeyInfo, wanted_key_ids
-from synapse_fastjoin.storage.keys import servers_with_keys_valid_until_txn
+from synapse_fastjoin.storage.keys import KeyResponse, servers_with_keys_valid_until_txn, store_server_keys_responses_txn
 
 if TYPE_CHECKING:
     from synapse.server import HomeServer
@@ -102,10 +103,10 @@ class SigningKeys:
 # Synapse stores each server's answer in a transaction of its own, one after
 # another within a request (`process_v2_response`): on a PostgreSQL busy with
 # live traffic some 65 ms each, so a thousand servers in batches of 100, 4 at
-# once, took 19 to 21 s, during which the state's checks wait. Smaller batches,
-# more at once, keep more of those transactions in flight (Synapse's pool has
-# 10 connections); on SQLite, whose one connection takes them in turn, they
-# cost no more than before.
+# once, took 19 to 21 s, during which the state's checks wait. The prefetch
+# now stores a request's answers in one transaction (`_BatchedKeyStore`);
+# several requests at once still overlap the notary's answers with those
+# writes.
 _PREFETCH_BATCH = 25
 _PREFETCH_PARALLEL = 8
 # How long the first chunks wait for a prefetch under way rather than asking
@@ -162,9 +163,11 @@ async def prefetch_server_keys(hs: "HomeServer", room_id: str, servers: Collecti
     of the configured notaries as the resync starts, in parallel with
     `/state_ids`, through Synapse's own notary client: a server listed with no
     key id asks the notary for every key it has of that server, and what
-    comes back is verified and stored by Synapse as on any key query
-    (`process_v2_response`). The keyring then answers the chunks' requests
-    from its store. Best effort: nothing depends on it but the time, and a
+    comes back is checked by Synapse's own code as on any key query
+    (`process_v2_response`) and stored with the rows Synapse's key store
+    writes, one transaction for each request's answers where Synapse takes
+    one for each server (`_BatchedKeyStore`). The keyring then answers the
+    chunks' requests from its store. Best effort: nothing depends on it but the time, and a
     notary that fails is only logged (by Synapse).
 
     Returns how many servers' keys the notaries returned.
@@ -189,10 +192,26 @@ async def prefetch_server_keys(hs: "HomeServer", room_id: str, servers: Collecti
         for batch in batch_iter(wanted, _PREFETCH_BATCH)
     ]
     found: set[str] = set()
+    store = hs.get_datastores().main
+    transactions = 0
 
     async def worker() -> None:
+        nonlocal transactions
         while batches:
-            result = await fetcher._fetch_keys(batches.pop())
+            batch = batches.pop()
+            collected = _BatchedKeyStore(store)
+            result = await collected.fetcher(fetcher)._fetch_keys(batch)
+            if collected.responses:
+                try:
+                    await store.db_pool.runInteraction(
+                        "fastjoin_store_server_keys", store_server_keys_responses_txn, store, collected.responses
+                    )
+                except Exception:
+                    # Best effort, as the rest: the chunks' checks ask the
+                    # keyring for these servers' keys as they come.
+                    logger.warning("Resync of %s: storing the notaries' keys failed", room_id, exc_info=True)
+                    continue
+                transactions += 1
             found.update(server for server, keys in result.items() if keys)
 
     started = time.monotonic()
@@ -203,7 +222,40 @@ async def prefetch_server_keys(hs: "HomeServer", room_id: str, servers: Collecti
         )
     )
     logger.info(
-        "Resync of %s: notaries gave the keys of %d of %d servers in %.1f s (%d known already)",
-        room_id, len(found), len(wanted), time.monotonic() - started, len(known),
+        "Resync of %s: notaries gave the keys of %d of %d servers in %.1f s (%d known already; stored in %d transactions)",
+        room_id, len(found), len(wanted), time.monotonic() - started, len(known), transactions,
     )
     return len(found)
+
+
+class _BatchedKeyStore:
+    """Synapse's key store as a copy of its notary fetcher sees it
+    (`fetcher`): the answers that fetcher stores, a transaction each
+    (`store_server_keys_response`, called by `process_v2_response` once it has
+    checked an answer's signatures), are kept in `responses`, to be stored
+    together (`store_server_keys_responses_txn`). Everything else is the
+    real store's."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.responses: list[KeyResponse] = []
+
+    def fetcher(self, fetcher: PerspectivesKeyFetcher) -> PerspectivesKeyFetcher:
+        """A copy of Synapse's notary fetcher that stores here: its requests,
+        checks and merging of the notaries' answers are Synapse's own."""
+        batched = copy.copy(fetcher)
+        batched.store = self  # type: ignore[assignment]
+        return batched
+
+    async def store_server_keys_response(
+        self,
+        server_name: str,
+        from_server: str,
+        ts_added_ms: int,
+        verify_keys: dict[str, Any],
+        response_json: dict[str, Any],
+    ) -> None:
+        self.responses.append(KeyResponse(server_name, from_server, ts_added_ms, verify_keys, response_json))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)

@@ -25,9 +25,16 @@ async def test_keys_of_a_big_room_come_from_the_notary_at_once(synapse_factory, 
         # servers and wait for a notary query of its own (30 of them).
         j = await join(synapse_factory, resident, chunk_size=20, event_fetch_threshold=0)
         await assert_complete(j)
-        found = re.search(r"notaries gave the keys of (\d+) of (\d+) servers in [\d.]+ s \((\d+) known already\)", j.joiner.read_log())
+        found = re.search(
+            r"notaries gave the keys of (\d+) of (\d+) servers in [\d.]+ s"
+            r" \((\d+) known already; stored in (\d+) transactions\)",
+            j.joiner.read_log(),
+        )
         assert found, "no key prefetch"
         assert int(found.group(1)) >= SPEC.servers, found.group(0)
+        # A transaction for each notary query's answers (Synapse's notary
+        # fetcher takes one for each server).
+        assert 0 < int(found.group(4)) <= math.ceil((SPEC.servers + 1) / _PREFETCH_BATCH), found.group(0)
         # The prefetch's queries (_PREFETCH_BATCH servers each: 10 of 25),
         # and at most a couple made before it started.
         assert served(resident, KEY_QUERY, 200) <= math.ceil((SPEC.servers + 1) / _PREFETCH_BATCH) + 2, served(
