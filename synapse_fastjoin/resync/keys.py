@@ -167,8 +167,8 @@ async def prefetch_server_keys(hs: "HomeServer", room_id: str, servers: Collecti
     (`process_v2_response`) and stored with the rows Synapse's key store
     writes, one transaction for each request's answers where Synapse takes
     one for each server (`_BatchedKeyStore`). The keyring then answers the
-    chunks' requests from its store. Best effort: nothing depends on it but the time, and a
-    notary that fails is only logged (by Synapse).
+    chunks' requests from its store. Best effort: nothing depends on it but
+    the time, and a notary that fails is only logged (by Synapse).
 
     Returns how many servers' keys the notaries returned.
     """

@@ -64,7 +64,6 @@ def store_server_keys_responses_txn(
         key_json_bytes = db_binary_type(encode_canonical_json(response.response_json))
         for key_id, result in response.verify_keys.items():
             key = (response.server_name, key_id)
-            signature_keys.pop(key, None)
             signature_keys[key] = (
                 response.from_server,
                 response.ts_added_ms,
@@ -72,7 +71,6 @@ def store_server_keys_responses_txn(
                 db_binary_type(result.verify_key.encode()),
             )
             json_key = (response.server_name, key_id, response.from_server)
-            keys_json.pop(json_key, None)
             keys_json[json_key] = (response.ts_added_ms, result.valid_until_ts, key_json_bytes)
             invalidated[key] = None
     if not invalidated:
