@@ -32,9 +32,7 @@ class ResyncConfig:
     bulk_writer: bool = True
     """Persist the state's outliers with `storage/bulk.py` (one transaction per
     batch, the rows Synapse's own outlier persistence writes) instead of
-    Synapse's `persist_events_and_notify`; so too the outliers Synapse itself
-    checks in a room still partial (the auth chains it fetches for live
-    events: patch 0036)."""
+    Synapse's `persist_events_and_notify`."""
 
     current_state_chunk_size: int = 5000
     """At the end of a resync, write the room's new current state this many

@@ -30,7 +30,6 @@ from synapse_fastjoin.handlers.waits import FullStateWaits
 from synapse_fastjoin.metrics import FastJoinMetrics
 from synapse_fastjoin.resync.engine import ResyncEngine
 from synapse_fastjoin.storage import sqlite_batch
-from synapse_fastjoin.storage.bulk import OutlierWrites
 from synapse_fastjoin.storage.partial_state import mark_partial_again
 from synapse_fastjoin.storage.room_turns import room_turns
 from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
@@ -38,7 +37,7 @@ from synapse_fastjoin.storage.store import OUTCOME_ABORTED, FastJoinStore
 logger = logging.getLogger(__name__)
 
 # The version of the hook API (patch 0001) this code was written against.
-HOOKS_API_VERSION = 18
+HOOKS_API_VERSION = 17
 
 _DAY_MS = 24 * 60 * 60 * 1000
 
@@ -168,11 +167,6 @@ class FastJoinModule:
             # Our writes to a room's events take turns with the tasks of
             # Synapse's persistence queue (any process that persists events).
             persistence_turn=room_turns(api._hs).synapse_turn,
-            # The outliers Synapse checked for a room still partial, written
-            # by the bulk writer in its turn (any process that persists).
-            persist_outliers=(
-                OutlierWrites(api._hs).persist_outliers if config.resync.bulk_writer else None
-            ),
             process_staged_run=(
                 self.staged_runs.process_staged_run if config.resync.inbound_run_length else None
             ),

@@ -350,32 +350,3 @@ def _count_persisted(hs: "HomeServer", events: list[EventPair]) -> None:
         counts[(event.type if event.type in TRACKED_EVENT_TYPES else "*other*", origin_type)] += 1
     for (event_type, origin_type), n in counts.items():
         event_counter.labels(type=event_type, origin_type=origin_type, **{SERVER_NAME_LABEL: server_name}).inc(n)
-
-
-class OutlierWrites:
-    """Patch 0036's callback: a batch of outliers Synapse's
-    `_auth_and_persist_outliers` has checked (the auth chains fetched for
-    live events, missing events, backfill), written by `persist_outliers`
-    rather than by Synapse's persistence queue, in a room whose state is
-    still partial.
-
-    There the resync's own outlier writes and Synapse's batches of live
-    events share the room (`storage/room_turns.py`), but a batch of outliers
-    in Synapse's queue takes the room alone: every live run that fetched the
-    auth chains of its senders held the resync's writes up while Synapse
-    wrote them (in several transactions on PostgreSQL). The bulk writer
-    writes the same rows in one transaction, taking its turn as the
-    resync's writes do. Elsewhere, and for any batch the bulk writer would
-    hand to Synapse anyway (`fallback_reason`), Synapse's path as before."""
-
-    def __init__(self, hs: "HomeServer") -> None:
-        self._hs = hs
-        self._store = hs.get_datastores().main
-
-    async def persist_outliers(self, room_id: str, events_and_contexts: list[EventPair]) -> bool:
-        if not events_and_contexts or not await self._store.is_partial_state_room(room_id):
-            return False
-        if fallback_reason(self._hs, room_id, events_and_contexts) is not None:
-            return False
-        await persist_outliers(self._hs, room_id, events_and_contexts)
-        return True

@@ -52,7 +52,6 @@ from synapse.types import get_domain_from_id
 from twisted.internet import defer, reactor, task
 
 from synapse_fastjoin.handlers.staged_runs import StagedRuns
-from synapse_fastjoin.storage.bulk import OutlierWrites
 from synapse_fastjoin.storage.store import FastJoinStore
 from tests.harness import inprocess
 from tests.harness.inprocess import store_fake_server_keys
@@ -382,8 +381,6 @@ async def test_runs_write_what_synapse_writes(
     dumps: dict[str, tuple[dict[str, list[Any]], dict[str, list[Any]]]] = {}
     # Event ids of each persist_events_and_notify call on the runs' server.
     persisted_batches: list[list[str]] = []
-    # ... and of each batch of outliers the bulk writer wrote there.
-    bulk_batches: list[list[str]] = []
     orders: dict[str, list[str]] = {}
     stats = None
     for name, hs in homeservers.items():
@@ -411,20 +408,7 @@ async def test_runs_write_what_synapse_writes(
             fastjoin_store = FastJoinStore(hs.get_datastores().main.db_pool.runInteraction, may_migrate=True)
             await fastjoin_store.ensure_schema()
             runs = StagedRuns(hs, fastjoin_store, run_length)
-            # The outliers Synapse checks in the partial-state room (the
-            # auth chains the runs fetch) written by the bulk writer, as the
-            # module registers it (patch 0036).
-            outlier_writes = OutlierWrites(hs)
-
-            async def write_outliers(room_id: str, pairs: Any, write: Any = outlier_writes.persist_outliers) -> bool:
-                written = await write(room_id, pairs)
-                if written:
-                    bulk_batches.append([ev.event_id for ev, _ in pairs])
-                return written
-
-            fed._fastjoin_callbacks.register_callbacks(
-                process_staged_run=runs.process_staged_run, persist_outliers=write_outliers
-            )
+            fed._fastjoin_callbacks.register_callbacks(process_staged_run=runs.process_staged_run)
             stats = runs.stats
             if missing_auth or long_runs:
                 handler = hs.get_federation_event_handler()
@@ -527,12 +511,10 @@ async def test_runs_write_what_synapse_writes(
         first_live = make_event_from_dict(copy.deepcopy(live[0][1]), scenario.version).event_id
         assert any(first_live in batch and len(batch) > 1 for batch in persisted_batches), persisted_batches
         # The fetched chains were persisted together: the first run's
-        # senders' joins in one batch, not one batch for each event, and by
-        # the bulk writer, not in Synapse's persistence queue.
-        assert any(len(leave_out & set(batch)) > 1 for batch in bulk_batches), [
-            (len(b), len(leave_out & set(b))) for b in bulk_batches
+        # senders' joins in one batch, not one batch for each event.
+        assert any(len(leave_out & set(batch)) > 1 for batch in persisted_batches), [
+            (len(b), len(leave_out & set(b))) for b in persisted_batches
         ]
-        assert not any(leave_out & set(batch) for batch in persisted_batches), persisted_batches
     if long_runs:
         # The first run: the first chain whole, longer than one of Synapse's
         # persistence transactions.
@@ -726,55 +708,3 @@ async def test_checks_do_not_wait_for_another_read_of_their_auth_events(
     assert done_before_the_other, "the checks waited for the other read"
     assert len(checked) == len(events)
     assert not any(context.rejected or context.partial_state for _, _, context in checked)
-
-
-@pytest_twisted.ensureDeferred
-async def test_outliers_synapse_checks_go_to_the_bulk_writer_only_while_the_room_is_partial(
-    homeservers: dict[str, SynapseHomeServer],
-) -> None:
-    """Patch 0036's callback (`OutlierWrites`): the outliers Synapse's
-    `_auth_and_persist_outliers` checked are written by the bulk writer while
-    the room's state is partial, and by Synapse's persistence once it is
-    not. (What the bulk writer writes for them is compared with Synapse's
-    rows by the missing-auth cases above.)"""
-    hs = homeservers["runs"]
-    scenario = join_scenario("12", members=60, servers=5, local_server=SERVER)
-    room = scenario.room
-    spec = room.spec
-    room_id = scenario.room_id
-    await _settled(hs)
-    missing = [room.current_state[("m.room.member", spec.member(i))] for i in (4, 5, 6)]
-    await prepare_partial_join(hs, scenario, leave_out=set(missing))
-    await store_fake_server_keys(hs, {get_domain_from_id(e.sender) for e in room.by_id.values()}, 1_800_000_000_000)
-    writes = OutlierWrites(hs)
-    answers: list[bool] = []
-
-    async def write(room_id: str, pairs: Any) -> bool:
-        answers.append(await writes.persist_outliers(room_id, pairs))
-        return answers[-1]
-
-    hs.get_module_api_callbacks().fastjoin.register_callbacks(persist_outliers=write)
-    handler = hs.get_federation_event_handler()
-    persist = handler.persist_events_and_notify
-    synapse_batches: list[list[str]] = []
-
-    async def record(room_id: str, pairs: Any, backfilled: bool = False) -> int:
-        synapse_batches.append([ev.event_id for ev, _ in pairs])
-        return await persist(room_id, pairs, backfilled=backfilled)
-
-    handler.persist_events_and_notify = record  # type: ignore[method-assign]
-    events = [make_event_from_dict(copy.deepcopy(room.by_id[e].as_dict()), scenario.version) for e in missing]
-    store = hs.get_datastores().main
-
-    await handler._auth_and_persist_outliers(room_id, events[:2])
-    assert answers == [True] and synapse_batches == []
-    assert await store.have_seen_events(room_id, missing) == set(missing[:2])
-    stored = await store.get_events(missing[:2], allow_rejected=True)
-    assert all(stored[e].internal_metadata.is_outlier() for e in missing[:2])
-
-    await un_partial_join(hs, scenario)
-    await hs.get_state_handler().update_current_state(room_id)
-    await store.clear_partial_state_room(room_id)
-    await handler._auth_and_persist_outliers(room_id, events[2:])
-    assert answers == [True, False] and synapse_batches == [missing[2:]]
-    assert await store.have_seen_events(room_id, missing) == set(missing)
