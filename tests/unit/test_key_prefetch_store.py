@@ -9,6 +9,7 @@ The notary is played by the test (a remote server: its answers are handed to
 Synapse's federation client's `post_json`); everything else is Synapse's."""
 
 import copy
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,7 +131,7 @@ async def _rows(hs: SynapseHomeServer) -> dict[str, list[tuple[Any, ...]]]:
 
 @pytest_twisted.ensureDeferred
 async def test_prefetch_stores_what_synapse_stores_in_a_transaction_per_request(
-    homeservers: dict[str, SynapseHomeServer],
+    homeservers: dict[str, SynapseHomeServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     synapse_hs, prefetch_hs = homeservers["synapse"], homeservers["prefetch"]
     for hs in homeservers.values():
@@ -156,10 +157,16 @@ async def test_prefetch_stores_what_synapse_stores_in_a_transaction_per_request(
         return run_interaction(desc, *args, **kwargs)
 
     store.db_pool.runInteraction = counting  # type: ignore[method-assign]
+    caplog.clear()
     try:
-        found = await prefetch_server_keys(prefetch_hs, "!room:test", SERVERS)
+        with caplog.at_level(logging.WARNING, logger="synapse_fastjoin"):
+            found = await prefetch_server_keys(prefetch_hs, "!room:test", SERVERS)
     finally:
         store.db_pool.runInteraction = run_interaction  # type: ignore[method-assign]
+    # A request whose answers could not be stored is logged (with why) and
+    # left out of what is found: none here.
+    failures = [r for r in caplog.records if r.name.startswith("synapse_fastjoin") and r.levelno >= logging.WARNING]
+    assert not failures, "\n".join(caplog.text.splitlines()[-60:])
 
     requests = -(-len(SERVERS) // _PREFETCH_BATCH)
     assert notary.requests == requests
